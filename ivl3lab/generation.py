@@ -1,0 +1,170 @@
+"""Generation and the InternVL chat API (`chat`, `batch_chat`, `stream_chat`, `generate`), outside the module.
+
+The decode loop is plain: one prefill over the prompt (with the image), then one token at a time against the
+KV cache. Batches are left-padded; each sample stops at its own stop token and is padded afterwards. Streaming
+yields text pieces as soon as they decode to whole characters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .model import InternVL3
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False  # False = greedy
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    eos_token_id: Union[int, Sequence[int], None] = None  # chat() sets <|im_end|>
+    pad_token_id: Optional[int] = None  # fills finished samples; None -> 0
+
+    @classmethod
+    def coerce(cls, value: Union["GenerationConfig", dict, None], **defaults) -> "GenerationConfig":
+        """Accept the dicts InternVL users pass (`dict(max_new_tokens=64, do_sample=False)`)."""
+        if isinstance(value, GenerationConfig):
+            return replace(value, **{k: v for k, v in defaults.items() if getattr(value, k) is None})
+        value = dict(value or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown generation options {unknown}; known: {sorted(known)}")
+        return cls(**{**defaults, **{k: v for k, v in value.items() if v is not None}})
+
+
+def sample_next_token(logits: torch.Tensor, cfg: GenerationConfig,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: greedy, or temperature / top-k / top-p sampling."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(cfg.temperature, 1e-6)
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, generation_config=None,
+                num_tiles_per_sample: Optional[Sequence[int]] = None,
+                generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sample, [B], step by step; finished samples yield pad_token_id."""
+    cfg = GenerationConfig.coerce(generation_config)
+    stops = torch.tensor([] if cfg.eos_token_id is None else
+                         [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id),
+                         device=input_ids.device, dtype=torch.long)
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
+                num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
+    cache = out.past_key_values
+    for _ in range(cfg.max_new_tokens):
+        token = sample_next_token(out.logits[:, -1], cfg, generator)
+        token = token.masked_fill(finished, cfg.pad_token_id or 0)
+        yield token
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()):
+            return
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        out = model(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+
+
+def generate(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             pixel_values: Optional[torch.Tensor] = None, generation_config=None,
+             num_tiles_per_sample: Optional[Sequence[int]] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """New tokens only, [B, T_new]; the stop token is included, positions after it hold pad_token_id."""
+    steps = list(iter_tokens(model, input_ids, attention_mask, pixel_values, generation_config,
+                             num_tiles_per_sample, generator))
+    if not steps:
+        return input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.stack(steps, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ chat API
+def _chat_inputs(processor, pixel_values, question, history, num_patches_list):
+    if num_patches_list is None:
+        num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+    if not history and pixel_values is not None and "<image>" not in question:
+        question = "<image>\n" + question  # as the original chat(): the placeholder is kept in the history
+    prompt = processor.build_prompt(question, num_patches_list=num_patches_list, history=history)
+    ids = processor.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return question, ids
+
+
+def _chat_config(processor, generation_config) -> GenerationConfig:
+    return GenerationConfig.coerce(generation_config, eos_token_id=processor.im_end_id,
+                                   pad_token_id=processor.pad_token_id)
+
+
+def _device_inputs(model, ids, pixel_values):
+    ids = ids.to(model.device)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(model.device, model.dtype)
+    return ids, pixel_values
+
+
+def chat(model: InternVL3, processor, pixel_values, question: str, generation_config=None, history=None,
+         return_history: bool = False, num_patches_list=None, generator=None):
+    """One chat turn, as the original InternVL `chat` (same arguments; the processor replaces the tokenizer)."""
+    history = list(history or [])
+    question, ids = _chat_inputs(processor, pixel_values, question, history, num_patches_list)
+    ids, pixel_values = _device_inputs(model, ids, pixel_values)
+    tokens = generate(model, ids, pixel_values=pixel_values, generation_config=_chat_config(processor, generation_config),
+                      generator=generator)
+    response = processor.decode(tokens[0])
+    return (response, history + [(question, response)]) if return_history else response
+
+
+def stream_chat(model: InternVL3, processor, pixel_values, question: str, generation_config=None, history=None,
+                num_patches_list=None, generator=None) -> Iterator[str]:
+    """Like `chat`, but yields the answer as text pieces while it is generated."""
+    question, ids = _chat_inputs(processor, pixel_values, question, list(history or []), num_patches_list)
+    ids, pixel_values = _device_inputs(model, ids, pixel_values)
+    cfg = _chat_config(processor, generation_config)
+    tokens: list[int] = []
+    emitted = ""
+    for token in iter_tokens(model, ids, pixel_values=pixel_values, generation_config=cfg, generator=generator):
+        if token.item() == processor.im_end_id:
+            break
+        tokens.append(token.item())
+        text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
+
+
+def batch_chat(model: InternVL3, processor, pixel_values, questions: Sequence[str], generation_config=None,
+               num_patches_list=None, generator=None) -> list[str]:
+    """One question per sample, left-padded into one batch; `num_patches_list` gives each sample's tiles."""
+    if pixel_values is not None and num_patches_list is None:
+        raise ValueError("batch_chat needs num_patches_list (tiles per sample) when pixel_values are given")
+    num_patches_list = list(num_patches_list or [0] * len(questions))
+    if len(num_patches_list) != len(questions):
+        raise ValueError(f"{len(questions)} questions but num_patches_list has {len(num_patches_list)} entries")
+    prompts = []
+    for question, tiles in zip(questions, num_patches_list):
+        if tiles and "<image>" not in question:
+            question = "<image>\n" + question
+        prompts.append(processor.build_prompt(question, num_patches_list=[tiles] if tiles else []))
+    enc = processor.tokenize(prompts, padding_side="left")
+    ids, pixel_values = _device_inputs(model, enc["input_ids"], pixel_values)
+    tokens = generate(model, ids, attention_mask=enc["attention_mask"].to(model.device), pixel_values=pixel_values,
+                      generation_config=_chat_config(processor, generation_config),
+                      num_tiles_per_sample=num_patches_list, generator=generator)
+    return [processor.decode(row) for row in tokens]

@@ -1,0 +1,195 @@
+"""Qwen2 / Qwen2.5 decoder: the language half of InternVL3 (spec §1.6).
+
+Pre-norm blocks (RMSNorm) with grouped-query attention (q/k/v with bias, o without), rotary position
+embedding and a SwiGLU MLP. RoPE accepts float position ids, so V2PE's fractional positions (spec §5) need no
+special path. The KV cache is a plain per-layer list of tensors that grows by concatenation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..config import TextConfig
+from .ops import RMSNorm, attention
+
+
+@dataclass
+class KVCache:
+    """Keys/values of every layer, [B, Hkv, T, D] each; the caller keeps the attention mask."""
+
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only batch rows `index` (used when some samples of a batch stop early)."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables computed on the fly from (possibly fractional) positions, in float32."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = cfg.dim_per_head
+        self.register_buffer("inv_freq", self._inv_freq(cfg.rope_theta), persistent=False)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] (int or float) -> cos, sin [B, L, D] in float32."""
+        inv_freq = self.inv_freq
+        cfg = self.cfg
+        if cfg.rope_scaling_type == "dynamic":
+            # Dynamic NTK: the base grows only once positions pass max_position_embeddings (as in transformers).
+            seq_len = float(position_ids.max()) + 1
+            if seq_len > cfg.max_position_embeddings:
+                f = cfg.rope_scaling_factor
+                base = cfg.rope_theta * ((f * seq_len / cfg.max_position_embeddings) - (f - 1)) ** (
+                    self.dim / (self.dim - 2))
+                inv_freq = self._inv_freq(base).to(inv_freq.device)
+        freqs = position_ids.float()[..., None] * inv_freq  # [B, L, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [B, L, D]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D]; cos/sin [B, L, D]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=False)
+        self.backend = "sdpa"
+
+    def forward(self, x, cos, sin, mask, causal: bool, cache: Optional[KVCache]) -> torch.Tensor:
+        q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.num_heads)
+        k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", h=self.num_kv_heads)
+        v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", h=self.num_kv_heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + L, D]
+        out, _ = attention(q, k, v, backend=self.backend, mask=mask, causal=causal)
+        return self.o_proj(rearrange(out, "b l h d -> b l (h d)"))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int,
+                         device: torch.device) -> Optional[torch.Tensor]:
+    """Causal + padding mask, bool [B, 1, Lq, Lk] (True = may attend), or None when plain causal suffices.
+
+    attention_mask: [B, past_len + q_len] with 1 for real tokens, 0 for (left) padding.
+    A padded query row would have no key to attend to (NaN softmax), so it is allowed to see itself; its
+    output is meaningless either way and never read.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    causal = causal_mask(q_len, past_len, device)[0]  # [1, Lq, Lk]
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
+    diagonal = torch.arange(past_len + q_len, device=device)[None, :] == q_pos  # each query sees itself
+    mask = (causal & attention_mask[:, None, :].bool()) | diagonal  # [B, Lq, Lk]
+    return mask[:, None]
+
+
+def causal_mask(q_len: int, past_len: int, device: torch.device) -> torch.Tensor:
+    """bool [1, 1, Lq, past + Lq]: query i (at absolute position past + i) sees keys 0..past + i."""
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
+    k_pos = torch.arange(past_len + q_len, device=device)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+def default_position_ids(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int,
+                         device: torch.device) -> torch.Tensor:
+    """Positions that restart at 0 at the first real token of each (left-padded) sample."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + q_len, device=device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -q_len:]
+
+
+class Qwen2(nn.Module):
+    """The decoder stack (no lm_head: that belongs to the whole model, like in the checkpoints)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """inputs_embeds [B, L, H] -> final-normed hidden states [B, L, H]."""
+        q_len = inputs_embeds.shape[1]
+        past_len = cache.length if cache is not None else 0
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, q_len, past_len, device)
+        cos, sin = self.rotary(position_ids)
+        mask = build_attention_mask(attention_mask, q_len, past_len, device)
+        if mask is None and past_len > 0 and q_len > 1:
+            mask = causal_mask(q_len, past_len, device)  # SDPA's is_causal assumes Lq == Lk
+        causal = mask is None and q_len > 1  # a single query may see every cached key
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, causal, cache)
+        return self.norm(x)

@@ -1,0 +1,110 @@
+"""Small pieces shared by the vision and language towers: RMSNorm, stochastic depth, attention backends.
+
+The attention function is the one place where the backend choice lives:
+- `sdpa`  (default) torch.nn.functional.scaled_dot_product_attention: fast, never materialises probabilities;
+- `eager` explicit softmax(QK^T)V: slower, but the probabilities exist as a tensor (hooks, attention maps);
+- `flash` flash-attn's kernel when the package is installed and the tensors are fp16/bf16 on CUDA.
+All three compute the same function; tests check they agree within tolerance.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in float32 (as InternViT-6B and Qwen2 do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample while training; identity in eval()."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def flash_available(*tensors: torch.Tensor) -> bool:
+    return _HAS_FLASH and all(t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+
+
+def attention(
+    q: torch.Tensor,  # [B, Hq, Lq, D]
+    k: torch.Tensor,  # [B, Hkv, Lk, D]
+    v: torch.Tensor,  # [B, Hkv, Lk, D]
+    *,
+    backend: str = "sdpa",
+    mask: Optional[torch.Tensor] = None,  # bool [B, 1, Lq, Lk], True = may attend; None = no mask
+    causal: bool = False,  # only used when mask is None
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Returns (output [B, Lq, Hq, D], probabilities [B, Hq, Lq, Lk] or None).
+
+    Probabilities are returned only by the eager backend. Grouped-query attention (Hkv < Hq) is handled here.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n_rep = q.shape[1] // k.shape[1]
+
+    if backend == "flash" and mask is None and flash_available(q, k, v):
+        from flash_attn import flash_attn_func
+
+        # flash-attn wants [B, L, H, D]; its causal mask is aligned bottom-right, which is what a decode
+        # step with a KV cache needs (Lq < Lk).
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              softmax_scale=scale, causal=causal)
+        return out, None
+    if backend == "flash":  # shown once per place by Python's default warning filter
+        warnings.warn("flash attention needs flash-attn, CUDA fp16/bf16 tensors and no padding mask; "
+                      "falling back to sdpa where that does not hold", stacklevel=2)
+
+    if backend in ("sdpa", "flash"):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             scale=scale, enable_gqa=n_rep > 1)
+        return out.transpose(1, 2), None
+
+    if backend != "eager":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)  # [B, Hq, Lk, D]
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    if mask is None and causal:
+        lq, lk = scores.shape[-2:]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v)  # [B, Hq, Lq, D]
+    return out.transpose(1, 2), probs
+
