@@ -151,7 +151,7 @@ PRESETS: dict[str, InternVLConfig] = {
         TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                    num_kv_heads=2, rope_theta=10_000.0, max_position_embeddings=8192, tie_word_embeddings=False,
                    bos_token_id=None, eos_token_id=None, pad_token_id=None),
-        image_token_id=-1,  # set from the tiny tokenizer by `tiny_config()`
+        image_token_id=5,  # <IMG_CONTEXT> in the tiny tokenizer (checked by tests/test_processor.py)
         max_dynamic_patch=6,
     ),
 }

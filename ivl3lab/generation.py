@@ -162,7 +162,7 @@ def batch_chat(model: InternVL3, processor, pixel_values, questions: Sequence[st
         if tiles and "<image>" not in question:
             question = "<image>\n" + question
         prompts.append(processor.build_prompt(question, num_patches_list=[tiles] if tiles else []))
-    enc = processor.tokenize(prompts, padding_side="left")
+    enc = processor.tokenize(prompts, num_tiles_per_sample=num_patches_list, padding_side="left")
     ids, pixel_values = _device_inputs(model, enc["input_ids"], pixel_values)
     tokens = generate(model, ids, attention_mask=enc["attention_mask"].to(model.device), pixel_values=pixel_values,
                       generation_config=_chat_config(processor, generation_config),

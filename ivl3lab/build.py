@@ -1,0 +1,38 @@
+"""`build(preset)`: a model with random weights plus a matching processor, in one call.
+
+The `tiny` preset comes with the tokenizer shipped in the package, so it runs offline anywhere. Real-size
+presets need their tokenizer (pass `tokenizer=` a directory or a hub id); without it the processor is None.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .config import get_preset
+from .model import InternVL3
+
+
+def build(preset: str = "tiny", seed: int = 0, dtype: Optional[torch.dtype] = None,
+          device: Union[str, torch.device] = "cpu", tokenizer=None, **config_changes):
+    """-> (model in eval mode, processor or None). Weights are random (seeded)."""
+    from .processing import Processor, load_tiny_tokenizer, load_tokenizer
+
+    config = get_preset(preset)
+    if tokenizer is None and preset == "tiny":
+        tokenizer = load_tiny_tokenizer()
+    elif isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    processor = None
+    if tokenizer is not None:
+        processor = Processor.from_config(config, tokenizer)
+        config_changes.setdefault("image_token_id", processor.image_token_id)
+    config = config.replace(**config_changes) if config_changes else config
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = InternVL3(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    if processor is not None:
+        processor = Processor.from_config(config, processor.tokenizer)
+    return model.eval(), processor

@@ -1,0 +1,160 @@
+"""Model behaviour beyond parity: placeholder checks, KV cache, pixel-unshuffle layout, RoPE, sampling."""
+import pytest
+import torch
+
+from ivl3lab.config import PRESETS, InternVLConfig, TextConfig, VisionConfig, get_preset
+from ivl3lab.generation import GenerationConfig, sample_next_token
+from ivl3lab.model import InternVL3, pixel_unshuffle
+from ivl3lab.model.language import RotaryEmbedding
+
+IMG = 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return InternVL3.from_preset("tiny", image_token_id=IMG).eval()
+
+
+def prompt(n_image_tokens, before=3, after=4):
+    return torch.cat([torch.randint(20, 1000, (before,)), torch.full((n_image_tokens,), IMG),
+                      torch.randint(20, 1000, (after,))])
+
+
+def test_tiny_preset_shapes(tiny):
+    cfg = tiny.config
+    assert cfg.num_image_token == 64  # 224 px tiles: 16x16 patches -> 8x8 tokens
+    pv = torch.randn(2, 3, 224, 224)
+    assert tiny.extract_features(pv).shape == (2, 64, cfg.text.hidden_size)
+
+
+def test_real_presets_carry_the_spec_numbers():
+    one_b = get_preset("internvl3-1b")
+    assert (one_b.text.hidden_size, one_b.text.num_layers, one_b.text.num_heads, one_b.text.num_kv_heads,
+            one_b.text.intermediate_size, one_b.text.vocab_size) == (896, 24, 14, 2, 4864, 151674)
+    assert one_b.num_image_token == 256 and one_b.image_token_id == 151667
+    big = get_preset("internvl3-78b")
+    assert (big.vision.hidden_size, big.vision.num_layers, big.vision.qk_norm, big.vision.norm_type) == (
+        3200, 45, True, "rms_norm")
+    assert (big.text.hidden_size, big.text.num_layers, big.text.num_kv_heads) == (8192, 80, 8)
+    assert set(PRESETS) >= {"tiny", "internvl3-1b", "internvl3-2b", "internvl3-8b", "internvl3-14b",
+                            "internvl3-38b", "internvl3-78b"}
+    with pytest.raises(KeyError, match="available"):
+        get_preset("internvl3-3b")
+
+
+def test_configs_are_frozen_and_validated():
+    cfg = get_preset("tiny")
+    with pytest.raises(Exception):
+        cfg.max_dynamic_patch = 3
+    with pytest.raises(ValueError, match="even"):
+        InternVLConfig(vision=VisionConfig(image_size=42, patch_size=14))
+    with pytest.raises(ValueError, match="attn_implementation"):
+        cfg.replace(attn_implementation="xformers")
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        TextConfig(num_heads=14, num_kv_heads=4)
+
+
+def test_per_sample_placeholder_mismatch_names_the_sample(tiny):
+    # sample 0 has one placeholder too many, sample 1 one too few: the batch total is right
+    rows = [prompt(64 + 1), prompt(64 - 1)]
+    ids = torch.stack([torch.nn.functional.pad(r, (0, 75 - len(r)), value=30) for r in rows])
+    pv = torch.randn(2, 3, 224, 224)
+    with pytest.raises(ValueError, match=r"sample 0: the prompt has 65 <IMG_CONTEXT> tokens"):
+        tiny(ids, pv)
+    with pytest.raises(ValueError, match=r"sample 0: the prompt has 65 <IMG_CONTEXT> tokens but its 1 tile"):
+        tiny(ids, pv, num_tiles_per_sample=[1, 1])
+
+
+def test_total_mismatch_states_both_numbers(tiny):
+    ids = prompt(128)[None]
+    with pytest.raises(ValueError, match=r"128 <IMG_CONTEXT> tokens in total.*give 192 image features"):
+        tiny(ids, torch.randn(3, 3, 224, 224))
+    with pytest.raises(ValueError, match=r"its 3 tile\(s\) give 192"):
+        tiny(ids, torch.randn(3, 3, 224, 224), num_tiles_per_sample=[3])
+
+
+@torch.no_grad()
+def test_incremental_decoding_equals_full_forward(tiny):
+    ids = prompt(64, after=12)[None]  # 3 + 64 + 12 tokens
+    pv = torch.randn(1, 3, 224, 224)
+    full = tiny(ids, pv).logits
+    out = tiny(ids[:, :70], pv, use_cache=True)
+    cache = out.past_key_values
+    step_logits = [out.logits]
+    for t in range(70, ids.shape[1], 3):  # chunks of 3 after the prefill exercise the offset causal mask
+        step = tiny(ids[:, t:t + 3], past_key_values=cache, use_cache=True)
+        step_logits.append(step.logits)
+    assert (torch.cat(step_logits, 1) - full).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_image_flags_drop_dummy_tiles(tiny):
+    ids = prompt(64)[None]
+    pv = torch.randn(2, 3, 224, 224)
+    with_dummy = tiny(ids, pv, image_flags=torch.tensor([1, 0])).logits
+    assert torch.allclose(with_dummy, tiny(ids, pv[:1]).logits, atol=1e-5)
+
+
+def _literal_pixel_shuffle(x, version):
+    """The original code's four steps (spec §1.4), written out."""
+    t, g, _, c = x.shape
+    x = x.view(t, g, g // 2, 2 * c)
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(t, g // 2, g // 2, 4 * c)
+    if version == "v2":
+        x = x.permute(0, 2, 1, 3).contiguous()
+    return x.reshape(t, -1, 4 * c)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_pixel_unshuffle_matches_the_original_steps(version):
+    x = torch.randn(2, 8, 8, 3)
+    assert torch.equal(pixel_unshuffle(x.reshape(2, 64, 3), version), _literal_pixel_shuffle(x, version))
+
+
+def test_pixel_unshuffle_groups_2x2_neighbours():
+    g = 4
+    value = torch.arange(g * g, dtype=torch.float)  # patch (row, col) holds row * 4 + col
+    grid = torch.stack([value, -value], dim=-1)[None]  # [1, 16, C=2]
+    tokens = pixel_unshuffle(grid)  # [1, 4, 8]
+    # token (0, 1) gathers patches (0,2), (0,3), (1,2), (1,3), each C wide: channel = (dy*2 + dx)*C + c
+    assert tokens[0, 1].tolist() == [2.0, -2.0, 3.0, -3.0, 6.0, -6.0, 7.0, -7.0]
+    # torch's pixel_unshuffle puts the channel outermost (c*4 + dy*2 + dx): not the same layout
+    torch_layout = torch.nn.functional.pixel_unshuffle(grid.reshape(1, g, g, 2).permute(0, 3, 1, 2), 2)
+    assert not torch.equal(tokens, torch_layout.flatten(2).transpose(1, 2))
+
+
+def test_rope_accepts_fractional_positions_and_dynamic_scaling():
+    rope = RotaryEmbedding(TextConfig(hidden_size=64, num_heads=4, num_kv_heads=2, max_position_embeddings=16,
+                                      rope_scaling_type="dynamic", rope_scaling_factor=2.0, rope_theta=100.0))
+    cos_int, _ = rope(torch.tensor([[0, 1, 2]]))
+    cos_frac, _ = rope(torch.tensor([[0.0, 0.5, 1.0, 1.5, 2.0]]))
+    assert torch.allclose(cos_frac[:, ::2], cos_int)
+    assert not torch.allclose(cos_frac[:, 1], cos_int[:, 0])
+    short, _ = rope(torch.arange(10)[None])
+    long, _ = rope(torch.arange(40)[None])  # past max_position_embeddings: the base grows
+    assert not torch.allclose(long[:, :10], short)
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0]]).repeat(500, 1)
+    gen = torch.Generator().manual_seed(0)
+    top_k = sample_next_token(logits, GenerationConfig(do_sample=True, top_k=2), gen)
+    assert set(top_k.tolist()) == {0, 1}
+    top_p = sample_next_token(logits, GenerationConfig(do_sample=True, top_p=0.5), gen)
+    assert set(top_p.tolist()) == {0}  # token 0 alone has p = 0.66 >= 0.5
+    assert sample_next_token(logits[:1], GenerationConfig()).item() == 0
+    with pytest.raises(ValueError, match="unknown generation options"):
+        GenerationConfig.coerce({"max_length": 3})
+
+
+@torch.no_grad()
+def test_generation_stops_per_sample_and_pads(tiny):
+    ids = torch.randint(20, 1000, (2, 6), generator=torch.Generator().manual_seed(1))
+    free = tiny.generate(input_ids=ids, generation_config=dict(max_new_tokens=6))
+    stop = int(free[0, 2])  # make sample 0's third token a stop token
+    out = tiny.generate(input_ids=ids, generation_config=dict(max_new_tokens=6, eos_token_id=stop, pad_token_id=1))
+    assert out[0, :3].tolist() == free[0, :3].tolist() and out[0, 3:].eq(1).all()
+    if stop not in free[1].tolist():
+        assert out[1].tolist() == free[1].tolist()
