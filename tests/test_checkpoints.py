@@ -212,3 +212,28 @@ def test_unsupported_checkpoints_say_what_was_found(tmp_path):
 def test_not_a_directory_nor_repo_id(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub repo id"):
         load_pretrained(tmp_path / "nope", with_processor=False)
+
+
+def test_hub_repo_ids_go_through_huggingface_hub(hf, tmp_path, monkeypatch):
+    """Offline stand-in for the hub: snapshot_download is asked for the repo and its files, then we load."""
+    import huggingface_hub
+
+    hf.save_pretrained(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, _ = load_pretrained("OpenGVLab/InternVL3-1B-hf", with_processor=False, revision="main")
+    assert calls and calls[0][0] == "OpenGVLab/InternVL3-1B-hf" and "*.safetensors" in calls[0][2]
+    ids, pv = inputs(seed=4)
+    assert (model(ids, pv).logits - hf(input_ids=ids, pixel_values=pv).logits).abs().max() <= 1e-4
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="could not download 'OpenGVLab/InternVL3-1B'.*no network"):
+        load_pretrained("OpenGVLab/InternVL3-1B")
