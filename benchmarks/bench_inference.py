@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import time
 
@@ -26,13 +25,9 @@ import torch
 import transformers
 
 import ivl3lab
-from ivl3lab.weights import to_format, to_hf_config
-from ivl3lab.weights.keymaps import HF_MEMORY_PREFIXES
+from ivl3lab.weights import to_hf_config, to_transformers_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# on-disk transformers names -> in-memory ones (`load_state_dict` wants the latter): HF_MEMORY_PREFIXES reversed.
-DISK_TO_MEMORY = tuple((re.compile("^" + re.escape(disk)), memory.lstrip("^").replace("\\.", "."))
-                       for memory, disk in HF_MEMORY_PREFIXES)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,25 +74,14 @@ def build_models(preset: str, device: str, dtype: torch.dtype, seed: int):
     transformers' model is built in memory from our config (no 16 GB round trip through disk for 8B) and loaded
     with our state dict renamed to its in-memory names.
     """
-    ours, _ = ivl3lab.build(preset, seed=seed, dtype=dtype, device=device)
-    # `build(dtype=...)` casts the non-persistent RoPE `inv_freq` buffer too; `load_pretrained` (real use) and
-    # transformers keep it float32. Put float32 back so positions in the thousands rotate exactly.
-    rotary = ours.language.rotary
-    rotary.inv_freq = rotary._inv_freq(ours.config.text.rope_theta).to(device)
+    ours, _ = ivl3lab.build(preset, seed=seed, dtype=dtype, device=device)  # RoPE frequencies stay float32
     ours.set_attn_implementation("sdpa")
 
     hf_config = transformers.InternVLConfig.from_dict(to_hf_config(ours.config))
     with torch.device(device):  # public API; `dtype=` keeps RoPE buffers in float32, as from_pretrained does
         hf = transformers.AutoModelForImageTextToText.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     assert type(hf).__name__ == "InternVLForConditionalGeneration", type(hf)
-    state = {}
-    for key, tensor in to_format(ours.state_dict(), "hf").items():
-        for pattern, repl in DISK_TO_MEMORY:
-            if pattern.match(key):
-                key = pattern.sub(repl, key, count=1)
-                break
-        state[key] = tensor
-    hf.load_state_dict(state, strict=True)  # strict: every transformers parameter gets one of ours
+    hf.load_state_dict(to_transformers_memory(ours.state_dict()), strict=True)  # strict: every transformers parameter gets one of ours
     return ours.eval(), hf.eval()
 
 

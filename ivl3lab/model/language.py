@@ -56,6 +56,13 @@ class RotaryEmbedding(nn.Module):
     def _inv_freq(self, base: float) -> torch.Tensor:
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
 
+    def _apply(self, fn, recurse=True):
+        """`.to(bfloat16)` must not round the frequencies (an angle error of ~0.6 rad at position 3,400):
+        after any move/cast, rebuild them in float32 on the new device."""
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq(self.cfg.rope_theta).to(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, L] (int or float) -> cos, sin [B, L, D] in float32."""
         inv_freq = self.inv_freq

@@ -59,13 +59,22 @@ HF = (
     _rule("lm_head.weight", "language_model.lm_head.weight"),
 )
 
-# transformers' in-memory layout (what `model.state_dict()` of InternVLForConditionalGeneration gives).
+# transformers' in-memory layout (what `model.state_dict()` of InternVLForConditionalGeneration gives):
+# (in-memory prefix, on-disk prefix).
 HF_MEMORY_PREFIXES = (
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
 )
+
+
+def _swap_prefix(key: str, pairs, src: int) -> str:
+    for pair in pairs:
+        if key.startswith(pair[src]):
+            return pair[1 - src] + key[len(pair[src]):]
+    return key
+
 
 TABLES = {"original": ORIGINAL, "hf": HF}
 
@@ -105,12 +114,14 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.
 
 
 def normalize_hf_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in state_dict.items():
-        for pattern, repl in HF_MEMORY_PREFIXES:
-            key = re.sub(pattern, repl, key)
-        out[key] = tensor
-    return out
+    """transformers' in-memory names -> its on-disk names (on-disk names pass through)."""
+    return {_swap_prefix(k, HF_MEMORY_PREFIXES, 0): v for k, v in state_dict.items()}
+
+
+def to_transformers_memory(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> the names `InternVLForConditionalGeneration.state_dict()` uses in memory
+    (for `load_state_dict` on a transformers model built in-process, e.g. side-by-side benchmarks)."""
+    return {_swap_prefix(k, HF_MEMORY_PREFIXES, 1): v for k, v in to_format(state_dict, "hf").items()}
 
 
 def from_format(state_dict: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Tensor], list[str]]:

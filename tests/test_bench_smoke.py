@@ -1,0 +1,56 @@
+"""Smoke test of benchmarks/bench_inference.py: the tiny preset on CPU at the smallest settings.
+
+Checks only that every measurement produces a row with positive numbers for both implementations (and that
+the JSON agrees with the table); timings on a shared CPU say nothing, so none are asserted.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
+
+
+def load_bench():
+    """benchmarks/ is not a package: import the script from its path."""
+    spec = importlib.util.spec_from_file_location("bench_inference", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table body -> {measurement name: cells}, skipping the header and separator lines."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("measurement",) and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_cpu_smoke_table_has_every_row(tmp_path, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "bench.json"
+    res = load_bench().main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--tiles", "1",
+                             "--new-tokens", "2", "--batches", "1,2", "--repeats", "1", "--warmup", "1",
+                             "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = table_rows(printed)
+    expected = ["prefill, 1 tiles, 136 tokens", "decode, batch 1, 2 new tokens", "decode, batch 2, 2 new tokens"]
+    assert sorted(rows) == sorted(expected), printed
+    for name in expected:
+        cells = rows[name]
+        ivl3lab, transformers = float(cells[2]), float(cells[3])
+        assert ivl3lab > 0 and transformers > 0, cells
+        assert float(cells[4].rstrip("x")) > 0, cells  # speed-up
+    assert "speed-up (t_transformers / t_ivl3lab; >1 = ivl3lab faster)" in printed
+    assert "transformers 5." in printed and "torch " in printed
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert [r["name"] for r in saved["rows"]] == expected
+    for row in saved["rows"]:
+        for impl in ("ivl3lab", "transformers"):
+            assert row[impl]["value"] > 0 and row[impl]["seconds"] > 0 and row[impl]["first_call_s"] > 0
+    assert saved["parity_max_diff"] <= 1e-4
