@@ -5,12 +5,15 @@ presets need their tokenizer (pass `tokenizer=` a directory or a hub id); withou
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from .config import get_preset
 from .model import InternVL3
+
+SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"  # 640x400, five coloured shapes
 
 
 def build(preset: str = "tiny", seed: int = 0, dtype: Optional[torch.dtype] = None,

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
 import torch
 
+from .build import SAMPLE_IMAGE as SAMPLE
 from .build import build
-
-SAMPLE = Path(__file__).resolve().parent / "assets" / "sample.png"
 
 
 def draw_grid(layout) -> str:

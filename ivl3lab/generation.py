@@ -71,12 +71,12 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
     out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
                 num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
     cache = out.past_key_values
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         token = sample_next_token(out.logits[:, -1], cfg, generator)
         token = token.masked_fill(finished, cfg.pad_token_id or 0)
         yield token
         finished |= torch.isin(token, stops)
-        if bool(finished.all()):
+        if step == cfg.max_new_tokens - 1 or bool(finished.all()):
             return
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         out = model(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)

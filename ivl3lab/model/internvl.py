@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import InternVLConfig, get_preset
+from ..hooks import HookPoint
 from .language import KVCache, Qwen2
 from .ops import RMSNorm
 from .projector import Projector, pixel_unshuffle
@@ -37,6 +38,9 @@ class InternVL3(nn.Module):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.language.embed_tokens.weight
+        self.hook_vision_out = HookPoint()  # [T, P, C] selected ViT layer, CLS dropped
+        self.hook_inputs_embeds = HookPoint()  # [B, L, H] LLM input, image features written in
+        self.hook_logits = HookPoint()  # [B, L, V]
         self.init_weights()
         self.set_attn_implementation(config.attn_implementation)
 
@@ -91,7 +95,7 @@ class InternVL3(nn.Module):
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles [T, 3, S, S] -> LLM-ready image embeddings [T, (S/28)^2, H]."""
         hidden = self.vision(pixel_values, select_layer=self.config.select_layer)  # [T, 1 + P, C]
-        patches = hidden[:, 1:]  # drop CLS -> [T, P, C]
+        patches = self.hook_vision_out(hidden[:, 1:])  # drop CLS -> [T, P, C]
         tokens = pixel_unshuffle(patches, self.config.ps_version)  # [T, P/4, 4C]
         return self.projector(tokens)  # [T, P/4, H]
 
@@ -158,9 +162,10 @@ class InternVL3(nn.Module):
                 raise ValueError("input_ids are needed to locate the <IMG_CONTEXT> positions")
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features, num_tiles_per_sample)
 
+        inputs_embeds = self.hook_inputs_embeds(inputs_embeds)
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         hidden = self.language(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        logits = self.hook_logits(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         return InternVLOutput(logits=logits, past_key_values=cache, hidden_states=hidden)
 
     # ------------------------------------------------------------ familiar API, implemented elsewhere

@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config import TextConfig
+from ..hooks import HookPoint
 from .ops import RMSNorm, attention
 
 
@@ -101,16 +102,21 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=True)
         self.o_proj = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=False)
         self.backend = "sdpa"
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B, H(kv), L, D] pre-RoPE
+        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()  # after RoPE
+        self.hook_pattern = HookPoint()  # [B, Hq, Lq, Lk]; computed only when hooked
+        self.hook_z = HookPoint()  # [B, L, Hq, D] per-head output, before o_proj
 
     def forward(self, x, cos, sin, mask, causal: bool, cache: Optional[KVCache]) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", h=self.num_heads)
         k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", h=self.num_kv_heads)
         v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", h=self.num_kv_heads)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k = self.hook_rot_q(apply_rope(q, cos, sin)), self.hook_rot_k(apply_rope(k, cos, sin))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, past + L, D]
-        out, _ = attention(q, k, v, backend=self.backend, mask=mask, causal=causal)
-        return self.o_proj(rearrange(out, "b l h d -> b l (h d)"))
+        out, _ = attention(q, k, v, backend=self.backend, mask=mask, causal=causal, pattern_hook=self.hook_pattern)
+        return self.o_proj(rearrange(self.hook_z(out), "b l h d -> b l (h d)"))
 
 
 class MLP(nn.Module):
@@ -121,9 +127,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.hook_post = HookPoint()  # [B, L, I] gated activation, before down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hook_post(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderBlock(nn.Module):
@@ -133,10 +140,14 @@ class DecoderBlock(nn.Module):
         self.self_attn = SelfAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()  # all [B, L, H]
 
     def forward(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask,
+                                                                      causal, cache)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x))))
 
 
 def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int,
@@ -182,6 +193,7 @@ class Qwen2(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
+        self.hook_norm_out = HookPoint()  # [B, L, H] final norm output, what lm_head reads
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -199,4 +211,4 @@ class Qwen2(nn.Module):
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, causal, cache)
-        return self.norm(x)
+        return self.hook_norm_out(self.norm(x))

@@ -68,13 +68,30 @@ def attention(
     mask: Optional[torch.Tensor] = None,  # bool [B, 1, Lq, Lk], True = may attend; None = no mask
     causal: bool = False,  # only used when mask is None
     scale: Optional[float] = None,
+    pattern_hook=None,  # a HookPoint: when it has hooks, the probabilities are computed and passed through it
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns (output [B, Lq, Hq, D], probabilities [B, Hq, Lq, Lk] or None).
 
-    Probabilities are returned only by the eager backend. Grouped-query attention (Hkv < Hq) is handled here.
+    Probabilities exist only on the eager path: backend "eager", or a pattern hook that is listening. A hook
+    that returns a tensor replaces the probabilities (an intervention). With `pattern_hook.query_index` set,
+    the output comes from the fast backend and only those query rows of the pattern are computed (read-only).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    n_rep = q.shape[1] // k.shape[1]
+    listening = pattern_hook is not None and pattern_hook.active
+    if listening and pattern_hook.query_index is not None:
+        out, _ = attention(q, k, v, backend=backend, mask=mask, causal=causal, scale=scale)
+        rows = pattern_hook.query_index.to(q.device)
+        probs = _probabilities(q, k, _full_mask(q, k, mask, causal), scale, rows)
+        if pattern_hook(probs) is not probs:
+            raise ValueError(f"{pattern_hook.name}: a pattern hook cannot edit the pattern when only some query "
+                             f"rows are computed (pattern_queries); drop pattern_queries to intervene")
+        return out, probs
+    if listening or backend == "eager":
+        probs = _probabilities(q, k, _full_mask(q, k, mask, causal), scale)
+        if listening:
+            probs = pattern_hook(probs)
+        v = _repeat_kv(v, q.shape[1] // v.shape[1])
+        return torch.matmul(probs, v).transpose(1, 2), probs  # [B, Lq, Hq, D]
 
     if backend == "flash" and mask is None and flash_available(q, k, v):
         from flash_attn import flash_attn_func
@@ -87,24 +104,32 @@ def attention(
     if backend == "flash":  # shown once per place by Python's default warning filter
         warnings.warn("flash attention needs flash-attn, CUDA fp16/bf16 tensors and no padding mask; "
                       "falling back to sdpa where that does not hold", stacklevel=2)
-
-    if backend in ("sdpa", "flash"):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                             scale=scale, enable_gqa=n_rep > 1)
-        return out.transpose(1, 2), None
-
-    if backend != "eager":
+    if backend not in ("sdpa", "flash"):
         raise ValueError(f"unknown attention backend {backend!r}")
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)  # [B, Hq, Lk, D]
-        v = v.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2), None
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)  # [B, Hkv, L, D] -> [B, Hq, L, D]
+
+
+def _full_mask(q, k, mask, causal) -> Optional[torch.Tensor]:
+    """The explicit bool mask [.., Lq, Lk] (causal aligned to the last key), or None for full attention."""
+    if mask is not None or not causal:
+        return mask
+    lq, lk = q.shape[-2], k.shape[-2]
+    return torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+
+
+def _probabilities(q, k, mask, scale, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T * scale) over the keys, in float32, cast back; only query `rows` if given."""
+    if rows is not None:
+        q = q[:, :, rows]
+        mask = None if mask is None else mask[..., rows, :]
+    k = _repeat_kv(k, q.shape[1] // k.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
-    if mask is None and causal:
-        lq, lk = scores.shape[-2:]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)  # [B, Hq, Lq, D]
-    return out.transpose(1, 2), probs
-
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..hooks import HookPoint
+
 
 def pixel_unshuffle(features: torch.Tensor, version: str = "v2") -> torch.Tensor:
     """[T, N, C] patch features (N = g*g, row-major, CLS already dropped) -> [T, N/4, 4C] tokens.
@@ -35,6 +37,9 @@ class Projector(nn.Module):
         self.norm = nn.LayerNorm(4 * vision_hidden, eps=1e-5)
         self.fc1 = nn.Linear(4 * vision_hidden, text_hidden)
         self.fc2 = nn.Linear(text_hidden, text_hidden)
+        self.hook_unshuffled = HookPoint()  # [T, n, 4C] pixel-unshuffled ViT tokens
+        self.hook_out = HookPoint()  # [T, n, H] image tokens in the LLM's embedding space
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        x = self.hook_unshuffled(x)
+        return self.hook_out(self.fc2(F.gelu(self.fc1(self.norm(x)))))

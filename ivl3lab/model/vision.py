@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config import VisionConfig
+from ..hooks import HookPoint
 from .ops import DropPath, RMSNorm, attention
 
 
@@ -60,13 +61,17 @@ class VisionAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.backend = "sdpa"
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [T, H, N, D]
+        self.hook_pattern = HookPoint()  # [T, H, N, N], per tile; computed only when hooked
+        self.hook_z = HookPoint()  # [T, N, H, D] per-head output, before `proj`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x [T, N, C]; the "3" is outermost in the fused weight
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (rearrange(t, "t n (h d) -> t h n d", h=self.num_heads) for t in (q, k, v))
-        out, _ = attention(q, k, v, backend=self.backend)  # [T, N, H, D]
-        return self.proj(rearrange(out, "t n h d -> t n (h d)"))
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        out, _ = attention(q, k, v, backend=self.backend, pattern_hook=self.hook_pattern)  # [T, N, H, D]
+        return self.proj(rearrange(self.hook_z(out), "t n h d -> t n (h d)"))
 
 
 class VisionMLP(nn.Module):
@@ -74,9 +79,10 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.hook_post = HookPoint()  # [T, N, I] after the activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        return self.fc2(self.hook_post(F.gelu(self.fc1(x))))  # exact (erf) GELU
 
 
 class VisionBlock(nn.Module):
@@ -91,11 +97,14 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layer_scale_init))
         self.drop_path = DropPath(drop_path)
+        # residual stream [T, N, C]; *_out are the layer-scaled terms added to it
+        self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
+        self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)) * self.ls1)
-        x = x + self.drop_path(self.mlp(self.norm2(x)) * self.ls2)
-        return x
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.drop_path(self.hook_attn_out(self.attn(self.norm1(x)) * self.ls1)))
+        return self.hook_resid_post(x + self.drop_path(self.hook_mlp_out(self.mlp(self.norm2(x)) * self.ls2)))
 
 
 class InternViT(nn.Module):
@@ -106,6 +115,7 @@ class InternViT(nn.Module):
         n = cfg.num_layers
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear in depth, 0 at the bottom
         self.layers = nn.ModuleList(VisionBlock(cfg, rate) for rate in rates)
+        self.hook_embed = HookPoint()  # [T, 1 + P, C] CLS + patches + positions
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """Hidden state `select_layer` ([T, 1 + P, C]); index 0 = embeddings, -1 = last block.
@@ -114,7 +124,7 @@ class InternViT(nn.Module):
         """
         n = len(self.layers)
         stop = select_layer % (n + 1)  # number of blocks to run
-        x = self.embeddings(pixel_values)
+        x = self.hook_embed(self.embeddings(pixel_values))
         for layer in self.layers[:stop]:
             x = layer(x)
         return x
