@@ -79,6 +79,11 @@ class InternVL3(nn.Module):
                 module.backend = backend
         return self
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "InternVL3":
+        """Recompute each ViT/LLM block in the backward pass instead of storing its activations (training)."""
+        self.vision.gradient_checkpointing = self.language.gradient_checkpointing = enabled
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -142,6 +147,7 @@ class InternVL3(nn.Module):
         image_flags: Optional[torch.Tensor] = None,  # [T], 0 = dummy tile (text-only sample while training)
         image_features: Optional[torch.Tensor] = None,  # precomputed `extract_features` output
         num_tiles_per_sample: Optional[Sequence[int]] = None,
+        segment_ids: Optional[torch.Tensor] = None,  # [B, L] packed-example index (-1 = padding); pass position_ids too
         logits_to_keep: int = 0,
     ) -> InternVLOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -164,7 +170,8 @@ class InternVL3(nn.Module):
 
         inputs_embeds = self.hook_inputs_embeds(inputs_embeds)
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        hidden = self.language(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        hidden = self.language(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                               segment_ids=segment_ids)
         logits = self.hook_logits(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         return InternVLOutput(logits=logits, past_key_values=cache, hidden_states=hidden)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
 from ..hooks import HookPoint
@@ -151,20 +152,25 @@ class DecoderBlock(nn.Module):
 
 
 def build_attention_mask(attention_mask: Optional[torch.Tensor], q_len: int, past_len: int,
-                         device: torch.device) -> Optional[torch.Tensor]:
-    """Causal + padding mask, bool [B, 1, Lq, Lk] (True = may attend), or None when plain causal suffices.
+                         device: torch.device, segment_ids: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Causal + padding (+ packing) mask, bool [B, 1, Lq, Lk] (True = may attend), or None when plain causal
+    attention suffices.
 
-    attention_mask: [B, past_len + q_len] with 1 for real tokens, 0 for (left) padding.
+    attention_mask: [B, past_len + q_len], 1 for real tokens, 0 for padding.
+    segment_ids: [B, L] (no cache), which packed example a token belongs to: attention stays inside it.
     A padded query row would have no key to attend to (NaN softmax), so it is allowed to see itself; its
     output is meaningless either way and never read.
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if segment_ids is None and (attention_mask is None or bool(attention_mask.all())):
         return None
-    causal = causal_mask(q_len, past_len, device)[0]  # [1, Lq, Lk]
+    mask = causal_mask(q_len, past_len, device)[0]  # [1, Lq, Lk]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, :].bool()  # [B, Lq, Lk]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
     diagonal = torch.arange(past_len + q_len, device=device)[None, :] == q_pos  # each query sees itself
-    mask = (causal & attention_mask[:, None, :].bool()) | diagonal  # [B, Lq, Lk]
-    return mask[:, None]
+    return (mask | diagonal)[:, None]
 
 
 def causal_mask(q_len: int, past_len: int, device: torch.device) -> torch.Tensor:
@@ -194,21 +200,28 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
         self.hook_norm_out = HookPoint()  # [B, L, H] final norm output, what lm_head reads
+        self.gradient_checkpointing = False
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+                position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """inputs_embeds [B, L, H] -> final-normed hidden states [B, L, H]."""
+        if segment_ids is not None and cache is not None and cache.length:
+            raise ValueError("segment_ids (packed sequences) are for training forwards, not for a KV cache")
         q_len = inputs_embeds.shape[1]
         past_len = cache.length if cache is not None else 0
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, q_len, past_len, device)
         cos, sin = self.rotary(position_ids)
-        mask = build_attention_mask(attention_mask, q_len, past_len, device)
+        mask = build_attention_mask(attention_mask, q_len, past_len, device, segment_ids)
         if mask is None and past_len > 0 and q_len > 1:
             mask = causal_mask(q_len, past_len, device)  # SDPA's is_causal assumes Lq == Lk
         causal = mask is None and q_len > 1  # a single query may see every cached key
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, causal, cache)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, causal, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, causal, cache)
         return self.hook_norm_out(self.norm(x))

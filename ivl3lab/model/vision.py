@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
 from ..hooks import HookPoint
@@ -116,6 +117,7 @@ class InternViT(nn.Module):
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear in depth, 0 at the bottom
         self.layers = nn.ModuleList(VisionBlock(cfg, rate) for rate in rates)
         self.hook_embed = HookPoint()  # [T, 1 + P, C] CLS + patches + positions
+        self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """Hidden state `select_layer` ([T, 1 + P, C]); index 0 = embeddings, -1 = last block.
@@ -126,5 +128,8 @@ class InternViT(nn.Module):
         stop = select_layer % (n + 1)  # number of blocks to run
         x = self.hook_embed(self.embeddings(pixel_values))
         for layer in self.layers[:stop]:
-            x = layer(x)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x

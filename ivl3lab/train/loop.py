@@ -1,0 +1,227 @@
+"""The training loop, explicit and readable: AdamW, warmup + cosine, exact gradient accumulation, clipping,
+bf16 autocast on GPU, atomic checkpoints with exact resume, a clear stop on a non-finite loss, DDP.
+
+Data is a function `batches(step, micro, rank, world) -> Batch` that is deterministic in its arguments, so the
+data position of a run is just its step counter: resuming from a checkpoint replays exactly the same batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .data import Batch
+from .losses import loss_sums, token_weights
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    lr_vision: Optional[float] = None  # per-component learning rates (None = lr)
+    lr_projector: Optional[float] = None
+    lr_language: Optional[float] = None
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad: float = 1.0
+    loss_reduction: str = "token"  # token | sample | square
+    autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # 0 = never
+    ckpt_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Per-component learning rates; no weight decay on norms, biases, embeddings, layer scales."""
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        tower = "vision" if ".vision." in f".{name}" else "projector" if "projector" in name else "language"
+        lr = getattr(cfg, f"lr_{tower}") or cfg.lr
+        decay = p.ndim >= 2 and "embed" not in name
+        group = groups.setdefault((tower, decay), {"params": [], "lr": lr, "base_lr": lr, "name": tower,
+                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    if not groups:
+        raise ValueError("no trainable parameters: everything is frozen")
+    return list(groups.values())
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
+    """Write step-N/ under a temporary name and rename it, then point `latest` at it (both renames are atomic):
+    a kill at any moment leaves the previous complete checkpoint as `latest`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final, tmp = directory / f"step-{step:07d}", directory / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra,
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = directory / "latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, directory / "latest")
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: Path, model, optimizer) -> tuple[int, dict]:
+    """-> (step to continue from, extra state). Restores model, optimizer and every RNG."""
+    name = (directory / "latest").read_text().strip()
+    state = torch.load(directory / name / "state.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"], state["extra"]
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+@dataclass
+class Trainer:
+    model: torch.nn.Module
+    cfg: TrainConfig
+    batches: Callable[[int, int, int, int], Batch]  # (step, micro, rank, world) -> Batch
+    out_dir: Optional[Path] = None
+    evaluate: Optional[Callable[[torch.nn.Module, int], dict]] = None
+    loss_fn: Optional[Callable] = None  # (model, batch, weights) -> (loss_sum, weight_sum, metrics); default LM loss
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.out_dir = Path(self.out_dir) if self.out_dir else None
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.device = next(self.model.parameters()).device
+        self.module = self.model
+        if self.cfg.gradient_checkpointing:
+            self.module.set_gradient_checkpointing(True)
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.module)
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, self.cfg), betas=self.cfg.betas, fused=fused)
+        self.step = 0
+        self.extra: dict = {}
+
+    def resume(self) -> bool:
+        """Continue from out_dir/latest if there is one."""
+        if self.out_dir is None or not (self.out_dir / "latest").exists():
+            return False
+        self.step, self.extra = load_checkpoint(self.out_dir, self.module, self.optimizer)
+        return True
+
+    def _micro_loss(self, batch: Batch, weights: torch.Tensor):
+        if self.loss_fn is not None:
+            return self.loss_fn(self.forward, batch, weights)
+        out = self.forward(**batch.model_inputs())
+        total, weight = loss_sums(out.logits, batch.labels, weights)
+        return total, weight, {}
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        micro_batches = [self.batches(step, m, self.rank, self.world).to(self.device) for m in range(cfg.grad_accum)]
+        weights = [token_weights(b.labels, b.segment_ids, cfg.loss_reduction) for b in micro_batches]
+        total_weight = torch.stack([w.sum() for w in weights]).sum()
+        if self.world > 1:
+            dist.all_reduce(total_weight)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.autocast and self.device.type == "cuda")
+        loss_total, metrics = 0.0, {}
+        for m, (batch, w) in enumerate(zip(micro_batches, weights)):
+            sync = self.world == 1 or m == len(micro_batches) - 1
+            ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+            with ctx, autocast:
+                total, _, extra_metrics = self._micro_loss(batch, w)
+                loss = total / total_weight.clamp(min=1e-12) * self.world  # DDP averages gradients over ranks
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}, micro-batch {m}; "
+                                        f"nothing was updated, the last good checkpoint is kept "
+                                        f"({self.out_dir / 'latest' if self.out_dir else 'no checkpoint dir'})")
+                loss.backward()
+            loss_total += loss.detach() / self.world
+            metrics.update(extra_metrics)
+        if self.world > 1:
+            dist.all_reduce(loss_total)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": float(loss_total), "grad_norm": float(grad_norm),
+                "lr": self.optimizer.param_groups[0]["lr"], **metrics}
+
+    def fit(self, progress: bool = True) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        cfg, start_time = self.cfg, time.perf_counter()
+        self.module.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0, desc="train")
+        if self.out_dir and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.out_dir / "log.jsonl").open("a") if self.out_dir and self.rank == 0 else None
+        try:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                record["time"] = time.perf_counter() - start_time
+                if self.evaluate and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self.module.eval()
+                    record.update(self.evaluate(self.module, self.step))
+                    self.module.train()
+                self.history.append(record)
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                bar.update(1)
+                if self.step % max(1, cfg.log_every) == 0:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if self.out_dir and self.rank == 0 and (
+                        (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
+                    save_checkpoint(self.out_dir, self.step, self.module, self.optimizer, self.extra,
+                                    cfg.keep_checkpoints)
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        self.module.eval()
+        return self.history
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

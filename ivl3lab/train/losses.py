@@ -1,0 +1,51 @@
+"""The language-modelling loss, with the three weightings InternVL uses (spec §6), and the sums that make
+gradient accumulation exact.
+
+Per token i of a sample with n supervised tokens, weight w_i = 1 (token averaging), 1/n (sample averaging)
+or 1/sqrt(n) (square averaging, InternVL2.5/3). loss = sum_i w_i CE_i / sum_i w_i, where the sums run over the
+whole optimizer step (all micro-batches, all ranks) — so each micro-batch returns its two sums and the loop
+divides by the step's total weight, never by a per-micro-batch mean.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+REDUCTIONS = ("token", "sample", "square")
+
+
+def token_weights(labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+                  reduction: str = "token") -> torch.Tensor:
+    """Weights [B, L-1] for the shifted targets labels[:, 1:] (0 where nothing is supervised)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"loss reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    if segment_ids is not None:  # never predict a packed example's first token from the previous example
+        valid = valid & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    weights = valid.float()
+    if reduction == "token":
+        return weights
+    seg = segment_ids[:, 1:] if segment_ids is not None else torch.zeros_like(targets)
+    seg = seg.clamp(min=0)
+    counts = torch.zeros(targets.shape[0], int(seg.max()) + 1, device=labels.device)
+    counts.scatter_add_(1, seg, weights)  # supervised tokens per (row, example)
+    n = counts.gather(1, seg).clamp(min=1)
+    return weights / (n if reduction == "sample" else n.sqrt())
+
+
+def loss_sums(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i CE_i, sum_i w_i) for one micro-batch; logits [B, L, V] in any dtype (CE in float32)."""
+    targets = labels[:, 1:].clamp(min=0)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (ce * weights.flatten()).sum(), weights.sum()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+            reduction: str = "token") -> torch.Tensor:
+    """The loss of one batch on its own (evaluation, simple loops)."""
+    total, weight = loss_sums(logits, labels, token_weights(labels, segment_ids, reduction))
+    return total / weight.clamp(min=1e-12)

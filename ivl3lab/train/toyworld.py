@@ -1,0 +1,172 @@
+"""A toy multimodal world that a tiny model can learn on a laptop CPU: shapes on backgrounds, with captions,
+questions and a text-only corpus — deterministic from a seed, drawn with PIL, no downloads.
+
+Design choices that make every question type learnable (measured in docs/toy_results.md):
+- objects are large relative to a ViT patch (at least ~4 patches across at the tile scale), with silhouettes
+  that differ coarsely (circle, square, triangle, cross, star), so shape needs no sub-patch geometry;
+- shapes and colours are unique within an image, so every question has one answer;
+- captions name every object with its colour, shape and tile, which gives dense supervision for all the
+  facts the questions ask about;
+- aspect ratios vary (1:1, 2:1, 1:2, 3:1, 3:2 ...) so dynamic tiling yields 1 to 7 tiles, and each object
+  lies inside one grid tile so "which tile" has a clean answer.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+from PIL import Image, ImageDraw
+
+from ..processing.images import choose_grid
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+           "purple": (140, 50, 170), "orange": (245, 130, 20)}
+SHAPES = ("circle", "square", "triangle", "cross", "star")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+# canvas aspect (cols, rows) in tiles; tiling picks the same grid, so object tiles are known exactly
+GRIDS = ((1, 1), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (3, 2), (2, 3))
+QUESTION_TYPES = ("colour", "shape", "count", "position", "tile")
+SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_029}  # disjoint seed ranges per split
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    cx: float  # centre, in image pixels
+    cy: float
+    size: float  # radius-like half extent, pixels
+    tile: int  # 1-based grid tile (row-major) that contains the object
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    objects: list[Obj]
+    grid: tuple[int, int]  # cols, rows
+    qa: list[tuple[str, str, str]] = field(default_factory=list)  # (type, question, answer)
+    caption: str = ""
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+    x, y, r = obj.cx, obj.cy, obj.size
+    fill = COLOURS[obj.colour]
+    if obj.shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif obj.shape == "square":
+        s = r * 0.88
+        draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
+    elif obj.shape == "cross":
+        t = r * 0.35
+        draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
+        draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
+    elif obj.shape == "star":
+        import math
+        points = [(x + (r if k % 2 == 0 else 0.45 * r) * math.sin(math.pi * k / 5),
+                   y - (r if k % 2 == 0 else 0.45 * r) * math.cos(math.pi * k / 5)) for k in range(10)]
+        draw.polygon(points, fill=fill)
+
+
+def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    level = rng.randint(200, 250)
+    image = Image.new("RGB", size, (level, level, level))
+    if rng.random() < 0.4:  # light texture: stripes or a checker, never as saturated as an object
+        draw = ImageDraw.Draw(image)
+        step = rng.choice((16, 24, 32))
+        shade = (level - 18,) * 3
+        for k in range(0, max(size) * 2, step * 2):
+            if rng.random() < 0.5:
+                draw.line((k, 0, k - size[1], size[1]), fill=shade, width=step // 3)
+            else:
+                draw.rectangle((k % size[0], (k // 2) % size[1], k % size[0] + step, (k // 2) % size[1] + step),
+                               fill=shade)
+    return image
+
+
+def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3) -> Scene:
+    """One image with 1..max_objects objects and all its questions; the same seed gives the same scene."""
+    rng = random.Random(seed)
+    cols, rows = rng.choice(GRIDS)
+    width, height = cols * tile_px, rows * tile_px
+    assert choose_grid(width, height, 1, 6, tile_px) == (cols, rows)
+    image = _background(rng, (width, height))
+    n = rng.randint(1, min(max_objects, cols * rows + 1))
+    shapes, colours = rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)
+    objects: list[Obj] = []
+    tiles = list(range(cols * rows))
+    for shape, colour in zip(shapes, colours):
+        for _ in range(100):
+            tile = rng.choice(tiles)
+            r = rng.uniform(0.26, 0.4) * tile_px  # objects span ~4-6 patches of a 112-px tile
+            tx, ty = (tile % cols) * tile_px, (tile // cols) * tile_px
+            cx, cy = tx + rng.uniform(r, tile_px - r), ty + rng.uniform(r, tile_px - r)
+            if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (r + o.size + 4) ** 2 for o in objects):
+                objects.append(Obj(shape, colour, cx, cy, r, tile + 1))
+                break
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(draw, obj)
+    scene = Scene(image, objects, (cols, rows))
+    scene.caption = caption(scene)
+    scene.qa = questions(scene, rng)
+    return scene
+
+
+def caption(scene: Scene) -> str:
+    parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} in tile {o.tile}"
+             for o in sorted(scene.objects, key=lambda o: o.cx)]
+    return "There " + ("is " if len(parts) == 1 else "are ") + ", ".join(parts[:-1]) + \
+        (" and " if len(parts) > 1 else "") + parts[-1] + "."
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every question type that has a unique answer for this scene, in random order."""
+    objs = scene.objects
+    o = rng.choice(objs)
+    qa = [("colour", f"What color is the {o.shape}?", o.colour),
+          ("shape", f"What shape is the {o.colour} object?", o.shape),
+          ("count", "How many objects are there?", NUMBER_WORDS[len(objs)])]
+    if scene.grid != (1, 1):
+        qa.append(("tile", f"Which tile is the {o.shape} in?", f"tile {o.tile}"))
+    pairs = [(a, b) for a in objs for b in objs if abs(a.cx - b.cx) > a.size + b.size]
+    if pairs:
+        a, b = rng.choice(pairs)
+        qa.append(("position", f"Is the {a.shape} left or right of the {b.shape}?",
+                   "left" if a.cx < b.cx else "right"))
+    rng.shuffle(qa)
+    return qa
+
+
+# ------------------------------------------------------------------------------------------ text-only corpus
+def text_sample(seed: int) -> str:
+    """Templated sentences and small arithmetic: the language half of the native pre-training mixture."""
+    rng = random.Random(seed)
+    kind = rng.random()
+    if kind < 0.5:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        op = rng.choice("+-") if a >= b else "+"
+        return f"{a} {op} {b} = {a + b if op == '+' else a - b}"
+    if kind < 0.8:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        return f"A {shape} can be {colour}."
+    n = rng.randint(1, 5)
+    return f"{NUMBER_WORDS[n].capitalize()} plus one is {NUMBER_WORDS[n + 1]}."
+
+
+def split_seed(split: str, index: int) -> int:
+    """Seeds of different splits never meet (train/val/test never overlap)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {list(SPLIT_SEEDS)}, got {split!r}")
+    return SPLIT_SEEDS[split] + index
+
+
+def scene(split: str, index: int, tile_px: int = 112, max_objects: int = 3) -> Scene:
+    return make_scene(split_seed(split, index), tile_px, max_objects)
+
+
+def text(split: str, index: int) -> str:
+    return text_sample(split_seed(split, index) + 7_000_000)
+

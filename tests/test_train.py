@@ -1,0 +1,230 @@
+"""Training mechanics: loss weightings, packing, accumulation, exact resume, atomic checkpoints, NaN stop,
+freezing, V2PE, the toy world and its evaluation."""
+import math
+
+import pytest
+import torch
+
+import ivl3lab
+from ivl3lab.train import data as D
+from ivl3lab.train.loop import NonFiniteLoss, Trainer, TrainConfig, lr_factor, save_checkpoint
+from ivl3lab.train.losses import lm_loss, loss_sums, token_weights
+from ivl3lab.train.sft import set_trainable, trainable_report
+from ivl3lab.train.toy import ToyData, eval_items, exact_match
+from ivl3lab.train.toyworld import QUESTION_TYPES, scene
+from ivl3lab.train.v2pe import v2pe_position_ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ivl3lab.build("tiny", seed=0, system_message="Answer.")
+
+
+def small_data(processor, **kw):
+    return ToyData(processor, batch_size=4, max_objects=2, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_loss_weightings_closed_form():
+    # one row, two packed samples: sample 0 has 1 supervised token, sample 1 has 4
+    labels = torch.tensor([[-100, 5, -100, -100, 6, 7, 8, 9]])
+    seg = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    w_token = token_weights(labels, seg, "token")[0]
+    assert w_token.tolist() == [1, 0, 0, 1, 1, 1, 1]
+    w_sample = token_weights(labels, seg, "sample")[0]
+    assert torch.allclose(w_sample, torch.tensor([1, 0, 0, .25, .25, .25, .25]))
+    w_square = token_weights(labels, seg, "square")[0]
+    assert torch.allclose(w_square, torch.tensor([1, 0, 0, .5, .5, .5, .5]))
+    logits = torch.randn(1, 8, 12)
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:].clamp(min=0), reduction="none")
+    expected = (ce * w_square).sum() / w_square.sum()
+    assert torch.allclose(lm_loss(logits, labels, seg, "square"), expected)
+
+
+def test_packing_never_predicts_across_examples():
+    labels = torch.tensor([[1, 2, 3, 4, 5, 6]])  # two text examples, fully supervised
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    assert token_weights(labels, seg)[0].tolist() == [1, 1, 0, 1, 1]  # token 3 (first of example 1) is skipped
+
+
+@torch.no_grad()
+def test_packed_rows_equal_separate_examples(tiny):
+    model, processor = tiny
+    data = small_data(processor, text_ratio=0.5)
+    examples = [data.example(i) for i in range(4)]
+    packed = D.pack([examples], processor.pad_token_id)
+    out = model(**packed.model_inputs()).logits[0]
+    start = 0
+    for e in examples:
+        alone = model(**D.collate([e], processor.pad_token_id).model_inputs()).logits[0]
+        assert (out[start:start + len(e.input_ids)] - alone).abs().max() < 1e-4
+        start += len(e.input_ids)
+
+
+def test_chat_example_supervises_answers_only(tiny):
+    _, processor = tiny
+    example = D.chat_example(processor, [("What color?", "red"), ("How many?", "two")], image=ivl3lab.SAMPLE_IMAGE)
+    supervised = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+    text = processor.tokenizer.decode(supervised)
+    assert text == "red<|im_end|>two<|im_end|>"
+    assert processor.image_token_id not in supervised
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    return ivl3lab.build("tiny", seed=seed, system_message="Answer.")[0].train()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny):
+    """Same global batch in 1 or 2 micro-batches (different token counts each): same loss, same gradient."""
+    _, processor = tiny
+    results = []
+    for accum in (1, 2):
+        model = fresh()
+        data = small_data(processor, grad_accum=accum, text_ratio=0.5)
+        trainer = Trainer(model, TrainConfig(steps=1, grad_accum=accum, clip_grad=1e9), data.batches)
+        grads = []
+        trainer.optimizer.step = lambda: grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        record = trainer.train_step()
+        results.append((record["loss"], grads[0]))
+    (loss1, grad1), (loss2, grad2) = results
+    assert loss1 == pytest.approx(loss2, abs=1e-6)
+    assert (grad1 - grad2).abs().max() <= 1e-6 * grad1.abs().max()
+
+
+def test_lr_schedule_warmup_and_cosine():
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(0.1)
+    assert lr_factor(55, cfg) == pytest.approx(0.55)
+
+
+def test_interrupted_and_resumed_run_reproduces_the_losses(tiny, tmp_path):
+    _, processor = tiny
+    data = small_data(processor)
+    cfg = TrainConfig(steps=6, warmup_steps=2, ckpt_every=3)
+    straight = Trainer(fresh(), cfg, data.batches, out_dir=tmp_path / "a")
+    straight.fit(progress=False)
+    first = Trainer(fresh(), TrainConfig(steps=3, warmup_steps=2, ckpt_every=3), data.batches, out_dir=tmp_path / "b")
+    first.fit(progress=False)
+    torch.manual_seed(1234)  # disturb every RNG: resume must restore them
+    resumed = Trainer(fresh(seed=99), cfg, data.batches, out_dir=tmp_path / "b")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit(progress=False)
+    losses = [h["loss"] for h in first.history + resumed.history]
+    assert losses == pytest.approx([h["loss"] for h in straight.history], abs=1e-6)
+
+
+def test_a_kill_while_saving_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    model = fresh()
+    trainer = Trainer(model, TrainConfig(steps=1), small_data(tiny[1]).batches, out_dir=tmp_path)
+    save_checkpoint(tmp_path, 1, model, trainer.optimizer, {})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during torch.save")
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model, trainer.optimizer, {})
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text() == "step-0000001"
+    again = Trainer(fresh(), TrainConfig(steps=1), small_data(tiny[1]).batches, out_dir=tmp_path)
+    assert again.resume() and again.step == 1
+
+
+def test_non_finite_loss_stops_clearly_and_changes_nothing(tiny, tmp_path):
+    model = fresh()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def nan_loss(forward, batch, weights):
+        total, weight = loss_sums(forward(**batch.model_inputs()).logits, batch.labels, weights)
+        return total * float("nan"), weight, {}
+    trainer = Trainer(model, TrainConfig(steps=3), small_data(tiny[1]).batches, out_dir=tmp_path, loss_fn=nan_loss)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss .* at step 0"):
+        trainer.fit(progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not (tmp_path / "latest").exists()
+
+
+def test_freeze_toggles_and_report(tiny):
+    model = fresh()
+    set_trainable(model, vision=False, projector=True, language=False, vision_last_n=1)
+    report = trainable_report(model)
+    assert report["language"][0] == 0 and report["projector"][0] == report["projector"][1]
+    last = sum(p.numel() for p in model.vision.layers[-1].parameters())
+    assert report["vision"][0] == last
+    set_trainable(model, vision=False, projector=False, language=False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Trainer(model, TrainConfig(steps=1), small_data(tiny[1]).batches)
+
+
+def test_per_component_learning_rates(tiny):
+    trainer = Trainer(fresh(), TrainConfig(lr=1e-3, lr_vision=1e-5), small_data(tiny[1]).batches)
+    lrs = {g["name"]: g["base_lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {"vision": 1e-5, "projector": 1e-3, "language": 1e-3}
+
+
+# ------------------------------------------------------------------------------------------------ V2PE
+def test_v2pe_delta_one_is_standard_and_the_spec_example():
+    ids = torch.tensor([[7, 3] + [5] * 256 + [4, 8]])  # A <img> [256 visual] </img> B
+    standard = v2pe_position_ids(ids, image_token_id=5, delta=1.0)
+    assert torch.equal(standard, torch.arange(260, dtype=torch.float)[None])
+    quarter = v2pe_position_ids(ids, image_token_id=5, delta=0.25)[0]
+    assert quarter[:3].tolist() == [0, 1, 1.25] and quarter[257].item() == 65.0
+    assert quarter[258].item() == 66 and quarter[259].item() == 67
+
+
+@torch.no_grad()
+def test_v2pe_delta_one_gives_the_same_logits(tiny):
+    model, processor = tiny
+    inputs = processor("What?", images=ivl3lab.SAMPLE_IMAGE)
+    positions = v2pe_position_ids(inputs["input_ids"], processor.image_token_id, 1.0)
+    a = model(inputs["input_ids"], inputs["pixel_values"]).logits
+    b = model(inputs["input_ids"], inputs["pixel_values"], position_ids=positions).logits
+    assert torch.equal(a, b)
+    c = model(inputs["input_ids"], inputs["pixel_values"],
+              position_ids=v2pe_position_ids(inputs["input_ids"], processor.image_token_id, 1 / 16)).logits
+    assert not torch.allclose(a, c)
+
+
+# ------------------------------------------------------------------------------------------------ toy world
+def test_toy_world_is_deterministic_and_splits_differ():
+    a, b = scene("train", 5), scene("train", 5)
+    assert a.caption == b.caption and a.image.tobytes() == b.image.tobytes()
+    assert scene("val", 5).caption != a.caption or scene("val", 5).image.tobytes() != a.image.tobytes()
+    tiles = {scene("train", i).grid for i in range(60)}
+    assert {(1, 1), (2, 1), (3, 2)} <= tiles
+    kinds = {kind for i in range(60) for kind, _, _ in scene("train", i).qa}
+    assert kinds == set(QUESTION_TYPES)
+
+
+def test_toy_answers_are_consistent_with_the_drawing():
+    for i in range(40):
+        s = scene("test", i)
+        cols, rows = s.grid
+        tile_w, tile_h = s.image.width / cols, s.image.height / rows
+        for o in s.objects:  # the object's box lies inside its tile
+            col, row = (o.tile - 1) % cols, (o.tile - 1) // cols
+            assert col * tile_w <= o.cx - o.size and o.cx + o.size <= (col + 1) * tile_w
+            assert row * tile_h <= o.cy - o.size and o.cy + o.size <= (row + 1) * tile_h
+            r, g, b = s.image.getpixel((int(o.cx), int(o.cy + o.size * 0.1)))
+            assert (r, g, b) != s.image.getpixel((1, 1))  # the centre is painted
+        for kind, question, answer in s.qa:
+            if kind == "count":
+                assert answer == ["zero", "one", "two", "three", "four"][len(s.objects)]
+
+
+@torch.no_grad()
+def test_exact_match_equals_greedy_decoding(tiny):
+    model, processor = tiny
+    items = eval_items(processor, per_type=2, max_objects=2)
+    scores = exact_match(model, items, processor.pad_token_id)
+    for kind, example in items[:4]:
+        prompt_len = next(i for i, label in enumerate(example.labels) if label != -100)
+        answer = [t for t, label in zip(example.input_ids, example.labels) if label != -100]
+        ids = torch.tensor([example.input_ids[:prompt_len]])
+        generated = ivl3lab.generate(model, ids, pixel_values=example.pixel_values,
+                                     generation_config=dict(max_new_tokens=len(answer)))
+        single = exact_match(model, [(kind, example)], processor.pad_token_id)[f"acc_{kind}"]
+        assert single == float(generated[0].tolist() == answer)
+    assert set(scores) == {f"acc_{t}" for t in QUESTION_TYPES}
