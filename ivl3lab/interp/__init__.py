@@ -1,5 +1,17 @@
 """Interpretability on top of the hook points: token map, attention maps, logit lens, ablations, patching,
 captum attribution, an interactive explorer. Never imported by the model or by training."""
+from .attention import (image_attention_mass, patches_to_tokens, query_positions, rollout_patch_scores, rollout_step,
+                        text_image_patterns, text_to_image_attention, vision_attention, vision_rollout)
+from .explorer import AttentionExplorer
+from .lens import Lens, logit_lens, plot_lens
+from .plots import image_score_maps, plot_attention_grid, plot_image_scores, plot_layer_curve, plot_rollout, plot_tile_maps
+from .probe import Probe, answer_logprob
 from .tokenmap import ImageToken, TokenMap
 
-__all__ = ["ImageToken", "TokenMap"]
+__all__ = [
+    "TokenMap", "ImageToken", "Probe", "answer_logprob",
+    "text_to_image_attention", "text_image_patterns", "image_attention_mass", "query_positions", "vision_attention",
+    "vision_rollout", "rollout_step", "rollout_patch_scores", "patches_to_tokens",
+    "Lens", "logit_lens", "plot_lens", "AttentionExplorer",
+    "plot_image_scores", "image_score_maps", "plot_attention_grid", "plot_tile_maps", "plot_rollout", "plot_layer_curve",
+]

@@ -122,6 +122,7 @@ class Trainer:
     out_dir: Optional[Path] = None
     evaluate: Optional[Callable[[torch.nn.Module, int], dict]] = None
     loss_fn: Optional[Callable] = None  # (model, batch, weights) -> (loss_sum, weight_sum, metrics); default LM loss
+    wrap_ddp: bool = True  # under torch.distributed, wrap in DDP (False when the model is already FSDP-sharded)
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -132,7 +133,7 @@ class Trainer:
         self.module = self.model
         if self.cfg.gradient_checkpointing:
             self.module.set_gradient_checkpointing(True)
-        if self.world > 1:
+        if self.world > 1 and self.wrap_ddp:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module)
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         fused = self.device.type == "cuda"
@@ -166,7 +167,7 @@ class Trainer:
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.autocast and self.device.type == "cuda")
         loss_total, metrics = 0.0, {}
         for m, (batch, w) in enumerate(zip(micro_batches, weights)):
-            sync = self.world == 1 or m == len(micro_batches) - 1
+            sync = not hasattr(self.model, "no_sync") or m == len(micro_batches) - 1
             ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast:
                 total, _, extra_metrics = self._micro_loss(batch, w)

@@ -1,0 +1,98 @@
+"""Native multimodal pre-training on the toy world, from the command line; one process or several (torchrun).
+
+    python -m ivl3lab.train.pretrain --steps 1500 --out runs/toy                  # one process
+    torchrun --nproc_per_node 2 -m ivl3lab.train.pretrain --steps 1500 --out runs/toy   # DDP (gloo on CPU)
+    torchrun --nproc_per_node 8 -m ivl3lab.train.pretrain --preset internvl3-1b --fsdp ...  # FSDP2 on GPUs
+
+The global batch (`--batch-size`) is split over ranks and micro-batches, so the same command with more
+processes follows the same loss curve. A run resumes from `--out` when a checkpoint is there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..build import build
+from .loop import Trainer, TrainConfig
+from .toy import ToyData, make_evaluator
+
+TOY_SYSTEM_MESSAGE = "Answer the question."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--out", required=True, help="checkpoints, log.jsonl and the final model/ go here")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks, all micro-batches)")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--text-ratio", type=float, default=0.25, help="share of text-only samples (1:3 -> 0.25)")
+    ap.add_argument("--loss-reduction", default="square", choices=("token", "sample", "square"))
+    ap.add_argument("--pack-tokens", type=int, default=0, help="> 0: pack examples into rows of this many tokens")
+    ap.add_argument("--max-objects", type=int, default=3)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-per-type", type=int, default=100)
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = leave as is)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world = init_distributed(args.device)
+    device = f"cuda:{torch.cuda.current_device()}" if args.device.startswith("cuda") else args.device
+    model, processor = build(args.preset, seed=args.seed, device=device, system_message=TOY_SYSTEM_MESSAGE)
+    tile_px = model.config.vision.image_size
+    data = ToyData(processor, batch_size=args.batch_size, grad_accum=args.grad_accum, tile_px=tile_px,
+                   max_objects=args.max_objects, text_ratio=args.text_ratio, pack_tokens=args.pack_tokens,
+                   seed=args.seed)
+    evaluate = make_evaluator(processor, per_type=args.eval_per_type, tile_px=tile_px,
+                              max_objects=args.max_objects) if args.eval_every and rank == 0 else None
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.vision.layers) + list(model.language.layers):
+            fully_shard(block)
+        fully_shard(model)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
+                      loss_reduction=args.loss_reduction, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                      seed=args.seed)
+    out = Path(args.out)
+    trainer = Trainer(model, cfg, data.batches, out_dir=out, evaluate=evaluate, wrap_ddp=not args.fsdp)
+    if trainer.resume() and rank == 0:
+        print(f"resumed from {out / (out / 'latest').read_text()} at step {trainer.step}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    history = trainer.fit(progress=not args.no_progress)
+    if rank == 0 and not args.fsdp:
+        model.save_pretrained(out / "model", format="original", processor=processor)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()
