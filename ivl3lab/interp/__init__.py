@@ -1,7 +1,10 @@
 """Interpretability on top of the hook points: token map, attention maps, logit lens, ablations, patching,
 captum attribution, an interactive explorer. Never imported by the model or by training."""
+from .adapters import TARGETS, AdapterComparison, compare_with_adapter, plot_adapter_differences
 from .attention import (image_attention_mass, patches_to_tokens, query_positions, rollout_patch_scores, rollout_step,
                         text_image_patterns, text_to_image_attention, vision_attention, vision_rollout)
+from .attribution import (Attribution, feature_ablation, feature_mask, forward_fn, integrated_gradients,
+                          layer_integrated_gradients, make_baseline, region_mask)
 from .explorer import AttentionExplorer
 from .lens import Lens, logit_lens, plot_lens
 from .plots import image_score_maps, plot_attention_grid, plot_image_scores, plot_layer_curve, plot_rollout, plot_tile_maps
@@ -14,4 +17,7 @@ __all__ = [
     "vision_rollout", "rollout_step", "rollout_patch_scores", "patches_to_tokens",
     "Lens", "logit_lens", "plot_lens", "AttentionExplorer",
     "plot_image_scores", "image_score_maps", "plot_attention_grid", "plot_tile_maps", "plot_rollout", "plot_layer_curve",
+    "Attribution", "integrated_gradients", "layer_integrated_gradients", "feature_ablation", "feature_mask",
+    "region_mask", "forward_fn", "make_baseline",
+    "compare_with_adapter", "AdapterComparison", "plot_adapter_differences", "TARGETS",
 ]

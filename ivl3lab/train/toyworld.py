@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Optional
+from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -23,6 +24,7 @@ from ..processing.images import choose_grid
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
            "purple": (140, 50, 170), "orange": (245, 130, 20)}
 SHAPES = ("circle", "square", "triangle", "cross", "star")
+NEW_SHAPES = ("diamond",)  # never in pre-training: the LoRA experiment teaches it
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 # canvas aspect (cols, rows) in tiles; tiling picks the same grid, so object tiles are known exactly
 GRIDS = ((1, 1), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (3, 2), (2, 3))
@@ -63,6 +65,8 @@ def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
         t = r * 0.35
         draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
         draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(x, y - r), (x + 0.7 * r, y), (x, y + r), (x - 0.7 * r, y)], fill=fill)
     elif obj.shape == "star":
         import math
         points = [(x + (r if k % 2 == 0 else 0.45 * r) * math.sin(math.pi * k / 5),
@@ -86,8 +90,9 @@ def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     return image
 
 
-def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3) -> Scene:
-    """One image with 1..max_objects objects and all its questions; the same seed gives the same scene."""
+def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None) -> Scene:
+    """One image with 1..max_objects objects and all its questions; the same seed gives the same scene.
+    `require_shape` puts that shape (e.g. a NEW_SHAPES one) in the scene and asks about it."""
     rng = random.Random(seed)
     cols, rows = rng.choice(GRIDS)
     width, height = cols * tile_px, rows * tile_px
@@ -95,6 +100,8 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3) -> Scene:
     image = _background(rng, (width, height))
     n = rng.randint(1, min(max_objects, cols * rows + 1))
     shapes, colours = rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)
+    if require_shape is not None:
+        shapes[0] = require_shape
     objects: list[Obj] = []
     tiles = list(range(cols * rows))
     for shape, colour in zip(shapes, colours):
@@ -111,7 +118,7 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3) -> Scene:
         _draw(draw, obj)
     scene = Scene(image, objects, (cols, rows))
     scene.caption = caption(scene)
-    scene.qa = questions(scene, rng)
+    scene.qa = questions(scene, rng, focus=require_shape)
     return scene
 
 
@@ -122,10 +129,11 @@ def caption(scene: Scene) -> str:
         (" and " if len(parts) > 1 else "") + parts[-1] + "."
 
 
-def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every question type that has a unique answer for this scene, in random order."""
+def questions(scene: Scene, rng: random.Random, focus: Optional[str] = None) -> list[tuple[str, str, str]]:
+    """Every question type that has a unique answer for this scene, in random order (about the `focus`
+    shape when given)."""
     objs = scene.objects
-    o = rng.choice(objs)
+    o = next((x for x in objs if x.shape == focus), None) or rng.choice(objs)
     qa = [("colour", f"What color is the {o.shape}?", o.colour),
           ("shape", f"What shape is the {o.colour} object?", o.shape),
           ("count", "How many objects are there?", NUMBER_WORDS[len(objs)])]
@@ -163,8 +171,9 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_SEEDS[split] + index
 
 
-def scene(split: str, index: int, tile_px: int = 112, max_objects: int = 3) -> Scene:
-    return make_scene(split_seed(split, index), tile_px, max_objects)
+def scene(split: str, index: int, tile_px: int = 112, max_objects: int = 3,
+          require_shape: Optional[str] = None) -> Scene:
+    return make_scene(split_seed(split, index), tile_px, max_objects, require_shape)
 
 
 def text(split: str, index: int) -> str:
