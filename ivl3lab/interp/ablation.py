@@ -181,7 +181,7 @@ def ablation_values(model, probe: Probe, method: str = "zero", point: str = DEFA
                          f"got {method!r} with {len(refs)} reference probe(s)")
     for ref in refs:
         check_same_layout(probe, ref, ("probe", "reference"))
-    return torch.stack([image_activations(model, ref, point) for ref in refs]).mean(0)  # mean of 1 = itself
+    return torch.stack([image_activations(model, ref, point) for ref in refs]).mean(0, dtype=torch.float32)
 
 
 def ablate_scopes(model, probe: Probe, scopes: Sequence[Scope], method: str = "zero", point: str = DEFAULT_POINT,

@@ -67,10 +67,11 @@ def _from_source(model, source: Probe, points: Sequence[str], positions: torch.T
 
 
 def _positions(probe: Probe, positions: Union[str, Sequence[int], torch.Tensor, None]) -> torch.Tensor:
-    if positions is None or (isinstance(positions, str) and positions == "image"):
-        return probe.image_positions
-    if isinstance(positions, str) and positions == "all":
-        return torch.arange(probe.input_ids.shape[1])
+    """"image" (or None): the image tokens; "all": every position; else the given sequence positions."""
+    if isinstance(positions, str) and positions not in ("image", "all"):
+        raise ValueError(f"positions must be 'image', 'all' or sequence positions, got {positions!r}")
+    if positions is None or isinstance(positions, str):
+        return probe.image_positions if positions in (None, "image") else torch.arange(probe.input_ids.shape[1])
     return torch.as_tensor(positions, dtype=torch.long)
 
 
