@@ -228,3 +228,23 @@ def test_exact_match_equals_greedy_decoding(tiny):
         single = exact_match(model, [(kind, example)], processor.pad_token_id)[f"acc_{kind}"]
         assert single == float(generated[0].tolist() == answer)
     assert set(scores) == {f"acc_{t}" for t in QUESTION_TYPES}
+
+
+def test_chunked_loss_equals_plain_loss_and_gradients(tiny):
+    _, processor = tiny
+    batch = small_data(processor, text_ratio=0.3).batches(0, 0)
+    from ivl3lab.train.losses import chunked_loss_sums
+    results = []
+    for chunked in (False, True):
+        model = fresh()
+        weights = token_weights(batch.labels, None, "square")
+        if chunked:
+            out = model(**batch.model_inputs(), compute_logits=False)
+            assert out.logits is None
+            total, weight = chunked_loss_sums(out.hidden_states, model.lm_head, batch.labels, weights, chunk=37)
+        else:
+            total, weight = loss_sums(model(**batch.model_inputs()).logits, batch.labels, weights)
+        (total / weight).backward()
+        results.append((float((total / weight).detach()), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    assert (results[0][1] - results[1][1]).abs().max() <= 1e-5

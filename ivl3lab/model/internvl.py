@@ -23,7 +23,7 @@ from .vision import InternViT
 
 @dataclass
 class InternVLOutput:
-    logits: torch.Tensor  # [B, L, V] (or the last `logits_to_keep` positions)
+    logits: Optional[torch.Tensor]  # [B, L, V] (or the last `logits_to_keep` positions; None if not computed)
     past_key_values: Optional[KVCache] = None
     hidden_states: Optional[torch.Tensor] = None  # final-normed LLM hidden states [B, L, H]
 
@@ -149,6 +149,7 @@ class InternVL3(nn.Module):
         num_tiles_per_sample: Optional[Sequence[int]] = None,
         segment_ids: Optional[torch.Tensor] = None,  # [B, L] packed-example index (-1 = padding); pass position_ids too
         logits_to_keep: int = 0,
+        compute_logits: bool = True,  # False: skip lm_head (a chunked loss applies it piece by piece)
     ) -> InternVLOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -172,7 +173,9 @@ class InternVL3(nn.Module):
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         hidden = self.language(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                segment_ids=segment_ids)
-        logits = self.hook_logits(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
+        logits = None
+        if compute_logits:
+            logits = self.hook_logits(self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         return InternVLOutput(logits=logits, past_key_values=cache, hidden_states=hidden)
 
     # ------------------------------------------------------------ familiar API, implemented elsewhere

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .data import Batch
-from .losses import loss_sums, token_weights
+from .losses import chunked_loss_sums, loss_sums, token_weights
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class TrainConfig:
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     gradient_checkpointing: bool = False
     compile: bool = False
+    loss_chunk: int = 0  # > 0: chunked linear + cross-entropy, never materialising full logits
     log_every: int = 10
     eval_every: int = 0  # 0 = never
     ckpt_every: int = 0  # 0 = only at the end
@@ -151,8 +152,13 @@ class Trainer:
     def _micro_loss(self, batch: Batch, weights: torch.Tensor):
         if self.loss_fn is not None:
             return self.loss_fn(self.forward, batch, weights)
-        out = self.forward(**batch.model_inputs())
-        total, weight = loss_sums(out.logits, batch.labels, weights)
+        if self.cfg.loss_chunk:
+            out = self.forward(**batch.model_inputs(), compute_logits=False)
+            total, weight = chunked_loss_sums(out.hidden_states, self.module.lm_head, batch.labels, weights,
+                                              self.cfg.loss_chunk)
+        else:
+            out = self.forward(**batch.model_inputs())
+            total, weight = loss_sums(out.logits, batch.labels, weights)
         return total, weight, {}
 
     def train_step(self) -> dict:

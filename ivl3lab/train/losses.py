@@ -44,6 +44,29 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor)
     return (ce * weights.flatten()).sum(), weights.sum()
 
 
+def chunked_loss_sums(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                      weights: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same sums as `loss_sums(lm_head(hidden), ...)` without materialising the [B, L, V] logits: the
+    151,674-wide projection and its cross-entropy run `chunk` positions at a time, each chunk recomputed in
+    the backward pass (activation checkpointing), so peak memory holds one chunk of logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].flatten(0, 1)  # [N, H], positions that predict a next token
+    targets = labels[:, 1:].clamp(min=0).flatten()
+    w = weights.flatten()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        piece = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_ce, h[piece], lm_head.weight, targets[piece], w[piece],
+                                   use_reentrant=False)
+    return total, weights.sum()
+
+
+def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    logits = (h @ weight.t()).float()  # [chunk, V]
+    return (F.cross_entropy(logits, targets, reduction="none") * w).sum()
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
             reduction: str = "token") -> torch.Tensor:
     """The loss of one batch on its own (evaluation, simple loops)."""
