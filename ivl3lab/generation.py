@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .model import InternVL3
+from .model.language import StaticKVCache
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,28 @@ def sample_next_token(logits: torch.Tensor, cfg: GenerationConfig,
 def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, generation_config=None,
                 num_tiles_per_sample: Optional[Sequence[int]] = None,
-                generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every sample, [B], step by step; finished samples yield pad_token_id."""
+                generator: Optional[torch.Generator] = None, static_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sample, [B], step by step; finished samples yield pad_token_id.
+
+    static_cache: preallocate the KV cache for prompt + max_new_tokens (written in place) instead of growing
+    it by concatenation; both give identical tokens (tested).
+    """
     cfg = GenerationConfig.coerce(generation_config)
     stops = torch.tensor([] if cfg.eos_token_id is None else
                          [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id),
                          device=input_ids.device, dtype=torch.long)
     batch = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    # checked once on the host: an unpadded batch needs no mask at all, so no step syncs to inspect one
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    attention_mask = attention_mask if padded else None
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    cache = None
+    if static_cache:
+        text = model.config.text
+        cache = StaticKVCache(text.num_layers, batch, text.num_kv_heads, input_ids.shape[1] + cfg.max_new_tokens,
+                              text.dim_per_head, model.dtype, input_ids.device)
     out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
-                num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
+                past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
     cache = out.past_key_values
     for step in range(cfg.max_new_tokens):
         token = sample_next_token(out.logits[:, -1], cfg, generator)
@@ -78,17 +89,18 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
         finished |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or bool(finished.all()):
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        if padded:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         out = model(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
 
 
 def generate(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              pixel_values: Optional[torch.Tensor] = None, generation_config=None,
              num_tiles_per_sample: Optional[Sequence[int]] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, static_cache: bool = True) -> torch.Tensor:
     """New tokens only, [B, T_new]; the stop token is included, positions after it hold pad_token_id."""
     steps = list(iter_tokens(model, input_ids, attention_mask, pixel_values, generation_config,
-                             num_tiles_per_sample, generator))
+                             num_tiles_per_sample, generator, static_cache))
     if not steps:
         return input_ids.new_zeros(input_ids.shape[0], 0)
     return torch.stack(steps, dim=1)

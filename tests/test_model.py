@@ -158,3 +158,20 @@ def test_generation_stops_per_sample_and_pads(tiny):
     assert out[0, :3].tolist() == free[0, :3].tolist() and out[0, 3:].eq(1).all()
     if stop not in free[1].tolist():
         assert out[1].tolist() == free[1].tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_gives_the_same_greedy_tokens(tiny, padded):
+    import ivl3lab
+
+    rows = [prompt(64, after=5), prompt(128, after=9)] if padded else [prompt(64, after=5)]
+    length = max(len(r) for r in rows)
+    ids = torch.stack([torch.nn.functional.pad(r, (length - len(r), 0), value=0) for r in rows])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones(len(r), dtype=torch.long), (length - len(r), 0))
+                        for r in rows])
+    pv = torch.randn(3 if padded else 1, 3, 224, 224)
+    kwargs = dict(attention_mask=mask, pixel_values=pv, generation_config=dict(max_new_tokens=12))
+    plain = ivl3lab.generate(tiny, ids, static_cache=False, **kwargs)
+    static = ivl3lab.generate(tiny, ids, static_cache=True, **kwargs)
+    assert plain.shape == (len(rows), 12) and torch.equal(plain, static)

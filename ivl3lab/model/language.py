@@ -46,6 +46,33 @@ class KVCache:
         self.values = [v[index] for v in self.values]
 
 
+class StaticKVCache:
+    """Preallocated keys/values [B, Hkv, max_len, D] per layer, written in place: no reallocation and no copy
+    of the whole cache per decoding step (KVCache's concatenation costs O(length) every step)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self._length = 0  # tokens stored; advanced after the last layer wrote its step
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self._length, self._length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"static KV cache full: {end} tokens > max_len {self.max_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        if layer == len(self.keys) - 1:
+            self._length = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables computed on the fly from (possibly fractional) positions, in float32."""
 
