@@ -76,12 +76,13 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None  # [B, L], restarting per packed example
     segment_ids: Optional[torch.Tensor] = None  # [B, L], example index inside the row, -1 on padding
     image_flags: Optional[torch.Tensor] = None  # [T]
+    ref_logps: Optional[torch.Tensor] = None  # [B] precomputed reference log-probs (preference training)
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.pixel_values),
                      self.num_tiles_per_sample, move(self.position_ids), move(self.segment_ids),
-                     move(self.image_flags))
+                     move(self.image_flags), move(self.ref_logps))
 
     def model_inputs(self) -> dict:
         return dict(input_ids=self.input_ids, pixel_values=self.pixel_values, attention_mask=self.attention_mask,

@@ -124,6 +124,9 @@ class Trainer:
     evaluate: Optional[Callable[[torch.nn.Module, int], dict]] = None
     loss_fn: Optional[Callable] = None  # (model, batch, weights) -> (loss_sum, weight_sum, metrics); default LM loss
     wrap_ddp: bool = True  # under torch.distributed, wrap in DDP (False when the model is already FSDP-sharded)
+    weights_fn: Optional[Callable] = None  # batch -> weights whose step-wide sum normalises the loss (default: tokens)
+    on_step_end: Optional[Callable[[], None]] = None  # after each optimizer step (e.g. MPO's delta update)
+    stateful: dict = field(default_factory=dict)  # name -> object with state_dict(): saved in checkpoints
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -147,6 +150,8 @@ class Trainer:
         if self.out_dir is None or not (self.out_dir / "latest").exists():
             return False
         self.step, self.extra = load_checkpoint(self.out_dir, self.module, self.optimizer)
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(self.extra[name])
         return True
 
     def _micro_loss(self, batch: Batch, weights: torch.Tensor):
@@ -164,7 +169,8 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
         micro_batches = [self.batches(step, m, self.rank, self.world).to(self.device) for m in range(cfg.grad_accum)]
-        weights = [token_weights(b.labels, b.segment_ids, cfg.loss_reduction) for b in micro_batches]
+        weights = [self.weights_fn(b).to(self.device) if self.weights_fn else
+                   token_weights(b.labels, b.segment_ids, cfg.loss_reduction) for b in micro_batches]
         total_weight = torch.stack([w.sum() for w in weights]).sum()
         if self.world > 1:
             dist.all_reduce(total_weight)
@@ -184,15 +190,18 @@ class Trainer:
                                         f"({self.out_dir / 'latest' if self.out_dir else 'no checkpoint dir'})")
                 loss.backward()
             loss_total += loss.detach() / self.world
-            metrics.update(extra_metrics)
+            for key, value in extra_metrics.items():  # averaged over the step's micro-batches
+                metrics[key] = metrics.get(key, 0.0) + value / len(micro_batches)
         if self.world > 1:
             dist.all_reduce(loss_total)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.on_step_end:
+            self.on_step_end()
         self.step += 1
-        return {"step": self.step, "loss": float(loss_total), "grad_norm": float(grad_norm),
-                "lr": self.optimizer.param_groups[0]["lr"], **metrics}
+        return {**metrics, "step": self.step, "loss": float(loss_total), "grad_norm": float(grad_norm),
+                "lr": self.optimizer.param_groups[0]["lr"]}
 
     def fit(self, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
@@ -220,6 +229,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if self.out_dir and self.rank == 0 and (
                         (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
+                    self.extra.update({name: obj.state_dict() for name, obj in self.stateful.items()})
                     save_checkpoint(self.out_dir, self.step, self.module, self.optimizer, self.extra,
                                     cfg.keep_checkpoints)
         finally:
