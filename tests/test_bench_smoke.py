@@ -54,3 +54,19 @@ def test_cpu_smoke_table_has_every_row(tmp_path, capsys):
         for impl in ("ivl3lab", "transformers"):
             assert row[impl]["value"] > 0 and row[impl]["seconds"] > 0 and row[impl]["first_call_s"] > 0
     assert saved["parity_max_diff"] <= 1e-4
+
+
+def test_gpu_bench_cpu_smoke_includes_the_training_row(tmp_path):
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH.with_name("bench_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gpu.json"
+    res = module.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--tiles", "1", "--new-tokens",
+                       "2", "--batches", "1", "--repeats", "1", "--warmup", "1", "--train-batch", "2",
+                       "--train-text", "8", "--out", str(out)])
+    names = [r["name"] for r in res["rows"]]
+    assert names[0].startswith("prefill") and names[-1].startswith("training step")
+    train = res["rows"][-1]
+    assert train["ivl3lab"]["value"] > 0 and train["transformers"]["value"] > 0
+    assert json.loads(out.read_text())["rows"][-1]["name"] == train["name"]

@@ -1,0 +1,107 @@
+"""Every row of the speed issue, ivl3lab beside transformers in one process on the same random weights.
+
+    python benchmarks/bench_gpu.py --preset internvl3-1b            # prefill, decode b1/b8, training step
+    python benchmarks/bench_gpu.py --preset internvl3-8b --no-train # prefill, decode b1/b8
+    python benchmarks/bench_gpu.py --preset tiny --device cpu       # CPU smoke mode (CI), no timing claims
+
+Inference rows come from bench_inference.py (same method as shared/bench/anchor_transformers.py). The training
+row follows the anchor too: fp32 master weights, bf16 autocast, AdamW, batch 8 x (1 tile + 512 text tokens),
+median of 5 steps after 2 warm-up steps. ivl3lab uses its chunked linear + cross-entropy (no full logits) and
+fused AdamW; transformers its own `labels=` loss. MFU counts 6 x params x tokens (LLM) + 6 x params x patches
+(ViT), against the anchor's 790 TFLOP/s and against the chip's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+_spec = importlib.util.spec_from_file_location("bench_inference", Path(__file__).with_name("bench_inference.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+from ivl3lab.train.losses import chunked_loss_sums, token_weights  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, from the spec sheets
+ANCHOR_PEAK = 790e12  # what the anchor's MFU column divides by
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-train", action="store_true", help="skip the training-step row")
+    ap.add_argument("--train-batch", type=int, default=None, help="sequences per training step (8; tiny: 2)")
+    ap.add_argument("--train-text", type=int, default=None, help="text tokens per sequence (512; tiny: 32)")
+    ours, rest = ap.parse_known_args(argv)
+    return ours, rest
+
+
+def train_row(a, train_batch: int, train_text: int) -> dict:
+    """One mixed-precision AdamW step on 1-tile + text sequences, both implementations, same weights."""
+    ours, hf = bench.build_models(a.preset, a.device, torch.float32, a.seed)
+    ours.train(), hf.train()
+    cfg = ours.config
+    ids, mask, pixels = bench.make_prompt(cfg, 1, train_text, train_batch, a.device, torch.float32, a.seed + 9)
+    labels = ids.masked_fill(ids == cfg.image_token_id, -100)
+    fused = a.device.startswith("cuda")
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, fused=fused)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=fused)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=fused)
+    weights = token_weights(labels)
+
+    def ours_step():
+        with autocast:
+            out = ours(ids, pixel_values=pixels, compute_logits=False)
+            total, n = chunked_loss_sums(out.hidden_states, ours.lm_head, labels, weights, chunk=1024)
+        (total / n).backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def hf_step():
+        with autocast:
+            loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+
+    tokens = ids.numel()
+    p_llm = sum(p.numel() for p in ours.language.parameters()) + ours.lm_head.weight.numel()
+    p_vit = sum(p.numel() for p in ours.vision.parameters())
+    flops = 6 * p_llm * tokens + 6 * p_vit * train_batch * (1 + cfg.vision.grid_size ** 2)
+    row = dict(name=f"training step, {train_batch} x (1 tile + {train_text} text)", unit="tok/s",
+               higher_is_better=True)
+    for impl, fn in (("ivl3lab", ours_step), ("transformers", hf_step)):
+        if fused:
+            torch.cuda.empty_cache()
+        m = bench.measure(fn, a.device, 2, 5)
+        row[impl] = dict(m, value=tokens / m["seconds"], tflops=flops / m["seconds"] / 1e12,
+                         mfu_vs_790=flops / m["seconds"] / ANCHOR_PEAK)
+    row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]
+    del ours, hf, opt_ours, opt_hf
+    return row
+
+
+def main(argv=None) -> dict:
+    mine, rest = parse(argv)
+    res = bench.main(rest)  # prints the inference table
+    a = bench.parse_args(rest)
+    if not mine.no_train:
+        tiny = a.preset == "tiny"
+        row = train_row(a, mine.train_batch or (2 if tiny else 8), mine.train_text or (32 if tiny else 512))
+        res["rows"].append(row)
+        o, t = row["ivl3lab"], row["transformers"]
+        peak = next((v for k, v in PEAK_BF16.items() if k in res["device_name"]), None)
+        mfu = lambda r: f"{r['mfu_vs_790']:.1%} of 790 TF" + (f", {r['tflops'] * 1e12 / peak:.1%} of peak" if peak else "")  # noqa: E731
+        print(f"\n| {row['name']} | tok/s | {o['value']:.0f} | {t['value']:.0f} | {row['speedup']:.2f}x | "
+              f"MFU ivl3lab {mfu(o)}; transformers {mfu(t)} | peak GB "
+              f"{o.get('peak_gb') or 0:.1f} / {t.get('peak_gb') or 0:.1f} |", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
