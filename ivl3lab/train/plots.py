@@ -46,3 +46,22 @@ def first_time_above(history: Sequence[dict], key: str, target: float = 0.9):
         if h.get(key, -1) >= target:
             return h["time"], h["step"]
     return None
+
+
+def plot_answers(model, processor, scenes, max_new_tokens: int = 6, columns: int = 4):
+    """A grid of toy images, each with one question, the model's greedy answer and the truth (green = right)."""
+    import matplotlib.pyplot as plt
+
+    rows = (len(scenes) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, scene in zip(axes.flat, scenes):
+        kind, question, truth = scene.qa[0]
+        pixel_values, _ = processor.load_image(scene.image)
+        answer = model.chat(processor, pixel_values, question, dict(max_new_tokens=max_new_tokens))
+        ax.imshow(scene.image)
+        ax.set_title(f"{question}\n→ {answer!r} (truth {truth!r})", fontsize=8,
+                     color="green" if answer == truth else "red")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
