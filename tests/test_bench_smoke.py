@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ivl3lab.config import get_preset
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
 
 
@@ -38,7 +40,9 @@ def test_cpu_smoke_table_has_every_row(tmp_path, capsys):
                              "--out", str(out)])
     printed = capsys.readouterr().out
     rows = table_rows(printed)
-    expected = ["prefill, 1 tiles, 136 tokens", "decode, batch 1, 2 new tokens", "decode, batch 2, 2 new tokens"]
+    prompt_len = 8 + get_preset("tiny").num_image_token + 64  # make_prompt: 8 text + 1 tile + 64 text tokens
+    expected = [f"prefill, 1 tiles, {prompt_len} tokens", "decode, batch 1, 2 new tokens",
+                "decode, batch 2, 2 new tokens"]
     assert sorted(rows) == sorted(expected), printed
     for name in expected:
         cells = rows[name]

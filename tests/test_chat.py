@@ -80,8 +80,9 @@ def test_released_style_checkpoint_without_processor_file(tiny, images, tmp_path
     ivl3lab.save_pretrained(model, tmp_path, format="original")
     processor.tokenizer.save_pretrained(tmp_path)
     _, loaded_processor = ivl3lab.load_pretrained(tmp_path)
-    assert (loaded_processor.image_size, loaded_processor.max_num) == (224, model.config.max_dynamic_patch)
-    assert loaded_processor.num_image_token == 64
+    cfg = model.config
+    assert (loaded_processor.image_size, loaded_processor.max_num) == (cfg.vision.image_size, cfg.max_dynamic_patch)
+    assert loaded_processor.num_image_token == cfg.num_image_token
 
 
 def test_missing_tokenizer_is_a_clear_error(tiny, tmp_path):

@@ -8,12 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from ivl3lab.config import get_preset
 from ivl3lab.processing.images import (
     IMAGENET_MEAN, IMAGENET_STD, TileLayout, candidate_grids, choose_grid, dynamic_preprocess, load_image,
     process_image, tiles_to_tensor, to_rgb,
 )
 
 torch.set_num_threads(1)
+TINY = get_preset("tiny")  # its small tiles (TINY.vision.image_size px) are checked beside the released 448 px
 
 
 def _noise(width, height, seed=0):
@@ -120,7 +122,7 @@ def test_choose_grid_agrees_with_transformers():
 
     rng = random.Random(0)
     sizes = [s for s, _ in SPEC_VECTORS] + [(rng.randint(1, 3000), rng.randint(1, 3000)) for _ in range(300)]
-    for max_num, image_size in ((12, 448), (6, 224)):
+    for max_num, image_size in ((12, 448), (TINY.max_dynamic_patch, TINY.vision.image_size)):
         for w, h in sizes:
             expected = get_optimal_tiled_canvas((h, w), (image_size, image_size), 1, max_num)
             assert choose_grid(w, h, 1, max_num, image_size) == tuple(expected), (w, h)
@@ -175,8 +177,9 @@ def test_tiles_to_tensor_normalises_and_resizes():
 # Parity with transformers
 
 
-@pytest.mark.parametrize("size,image_size", [((200, 130), 448), ((130, 200), 448), ((640, 400), 224),
-                                             ((50, 900), 224), ((300, 300), 224), ((448, 448), 448)])
+@pytest.mark.parametrize("size,image_size", [((200, 130), 448), ((130, 200), 448), ((640, 400), TINY.vision.image_size),
+                                             ((50, 900), TINY.vision.image_size), ((300, 300), TINY.vision.image_size),
+                                             ((448, 448), 448)])
 def test_pixel_parity_with_got_ocr2(size, image_size):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ivl3lab
+from ivl3lab.config import get_preset
 from ivl3lab.hooks import hooks, run_with_cache
 from ivl3lab.interp.ablation import (Scope, ablate, ablate_head, ablate_scopes, head_sweep, image_activations,
                                      occlusion_sweep, plot_effects, plot_matrix, replacing_hooks, unit_scopes,
@@ -14,6 +15,7 @@ from ivl3lab.interp.probe import Probe
 matplotlib.use("Agg")
 torch.set_num_threads(1)
 CIRCLE = (50, 40, 170, 160)  # the red circle of the sample image, in original pixels
+N = get_preset("tiny").num_image_token  # LLM tokens per tile
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +42,17 @@ def test_scopes_select_the_right_positions(tiny):
     assert torch.equal(box, tm.tokens_in_box(CIRCLE)) and len(box) > 0
     left, top, right, bottom = tm.box_of(box.tolist())
     assert left >= CIRCLE[0] - 40 and right <= CIRCLE[2] + 40 and not any(tm[p].thumbnail for p in box.tolist())
-    (one,) = Scope(tile=1, row=3, col=5).positions(tm).tolist()
-    assert (tm[one].tile, tm[one].row, tm[one].col) == (1, 3, 5)
-    group = [tm[p] for p in Scope(tile=4, row=2, col=6, size=2).positions(tm).tolist()]
-    assert sorted((t.row, t.col) for t in group) == [(2, 6), (2, 7), (3, 6), (3, 7)] and {t.tile for t in group} == {4}
+    (one,) = Scope(tile=1, row=3, col=1).positions(tm).tolist()  # row != col: a swap would show
+    assert (tm[one].tile, tm[one].row, tm[one].col) == (1, 3, 1)
+    group = [tm[p] for p in Scope(tile=4, row=1, col=2, size=2).positions(tm).tolist()]
+    assert sorted((t.row, t.col) for t in group) == [(1, 2), (1, 3), (2, 2), (2, 3)] and {t.tile for t in group} == {4}
     edge = Scope(tile=0, row=tm.side - 1, col=tm.side - 1, size=2).positions(tm)  # clipped at the tile's edge
     assert len(edge) == 1
     with pytest.raises(ValueError, match="selects no image tokens"):
         Scope(box=(1000, 1000, 1100, 1100)).positions(tm)
 
 
-@pytest.mark.parametrize("unit, count", [("token", 448), ("group", 112), ("tile", 7)])
+@pytest.mark.parametrize("unit, count", [("token", 7 * N), ("group", 7 * N // 4), ("tile", 7)])  # 3x2 + thumbnail
 def test_sweep_units_partition_the_image_tokens(tiny, unit, count):
     tm = tiny[2].token_map
     scopes = unit_scopes(tm, unit)

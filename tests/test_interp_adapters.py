@@ -72,15 +72,19 @@ def test_compare_is_zero_upstream_and_nonzero_after_the_adapter(lora, probe):
 
 
 def test_compare_attention_patterns_with_a_slice(lora, probe):
-    keys = probe.image_positions
-    comparison = compare_with_adapter(
-        lora, lambda m: m(probe.input_ids, probe.pixel_values),
-        ["vision.layers.0.attn.hook_pattern", "language.layers.0.self_attn.hook_pattern"],
-        pattern_queries=[-1], pattern_keys=keys)
+    run = lambda m: m(probe.input_ids, probe.pixel_values)  # noqa: E731
+    keys = probe.image_positions  # LLM sequence positions: they index the language pattern's keys
+    comparison = compare_with_adapter(lora, run, ["language.layers.0.self_attn.hook_pattern"],
+                                      pattern_queries=[-1], pattern_keys=keys)
     pattern = comparison.with_adapter["language.layers.0.self_attn.hook_pattern"]
     assert pattern.shape[-2:] == (1, len(keys))  # last query x image keys only
-    assert comparison.max_abs["vision.layers.0.attn.hook_pattern"] == 0.0
     assert comparison.max_abs["language.layers.0.self_attn.hook_pattern"] > 0  # q_proj is adapted in layer 0
+    # the ViT pattern's keys are CLS + the patches of one tile, not LLM positions: slice it with its own keys
+    patch_keys = torch.arange(1, 1 + lora.config.vision.grid_size ** 2)
+    vision = compare_with_adapter(lora, run, ["vision.layers.0.attn.hook_pattern"], pattern_queries=[-1],
+                                  pattern_keys=patch_keys)
+    assert vision.with_adapter["vision.layers.0.attn.hook_pattern"].shape[-2:] == (1, len(patch_keys))
+    assert vision.max_abs["vision.layers.0.attn.hook_pattern"] == 0.0
 
 
 def test_plot_and_targets(lora, plain, probe):

@@ -125,8 +125,8 @@ def test_vision_rollout_composes_the_layers(tiny):
 
 
 def test_patches_merge_into_their_token(tiny):
-    _, _, _, probe = tiny
-    g = 16
+    model, _, _, probe = tiny
+    g = model.config.vision.grid_size  # patch (5, 6) exists for any grid of 8 or more patches per side
     scores = torch.zeros(1, g * g)
     scores[0, 5 * g + 6] = 1.0  # patch (row 5, col 6) -> token (2, 3)
     tokens = patches_to_tokens(scores).reshape(g // 2, g // 2)

@@ -77,7 +77,8 @@ def test_position_resolved_patching_by_tile(tiny):
     single = patch(model, clean, corrupted, layer_point("resid_pre", 2), positions=scopes[6].positions(clean.token_map))
     assert recovery[2, 6].item() == pytest.approx(single, abs=1e-3)
     groups, group_scopes = patch_positions(model, clean, corrupted, unit="group", layers=[0], progress=False)
-    assert groups.shape == (1, 112) and len(group_scopes) == 112
+    n_groups = 7 * model.config.num_image_token // 4  # 2x2 token groups over the 7 tiles
+    assert groups.shape == (1, n_groups) and len(group_scopes) == n_groups
 
 
 def test_undefined_recovery_and_mismatched_inputs_raise(tiny):
@@ -85,7 +86,7 @@ def test_undefined_recovery_and_mismatched_inputs_raise(tiny):
     assert torch.isnan(normalised_recovery(torch.tensor([0.5, 1.0]), 2.0, 2.0)).all()  # NaN policy
     with pytest.raises(ValueError, match="undefined"):
         patch(model, clean, clean, "hook_inputs_embeds")
-    square = Probe.build(processor, QUESTION, Image.new("RGB", (300, 300), "white"), ANSWER)
+    square = Probe.build(processor, QUESTION, Image.new("RGB", (100, 100), "white"), ANSWER)  # one tile
     with pytest.raises(ValueError, match=r"clean has 3x2 grid \+ thumbnail \(7 tiles\) and corrupted has 1x1 grid"):
         patch_layers(model, clean, square)
     other_prompt = Probe.build(processor, "Which shape is red?", recoloured(Image.open(ivl3lab.SAMPLE_IMAGE)), ANSWER)

@@ -21,11 +21,17 @@ def prompt(n_image_tokens, before=3, after=4):
                       torch.randint(20, 1000, (after,))])
 
 
+def pixels(model, tiles):
+    """Random pixel_values for `tiles` tiles at the model's tile size."""
+    size = model.config.vision.image_size
+    return torch.randn(tiles, 3, size, size)
+
+
 def test_tiny_preset_shapes(tiny):
     cfg = tiny.config
-    assert cfg.num_image_token == 64  # 224 px tiles: 16x16 patches -> 8x8 tokens
-    pv = torch.randn(2, 3, 224, 224)
-    assert tiny.extract_features(pv).shape == (2, 64, cfg.text.hidden_size)
+    g = cfg.vision.image_size // cfg.vision.patch_size  # patches per side (112 px / 14 = 8 for tiny)
+    assert cfg.vision.grid_size == g and cfg.num_image_token == (g // 2) ** 2  # 2x2 unshuffle: g/2 x g/2 tokens
+    assert tiny.extract_features(pixels(tiny, 2)).shape == (2, cfg.num_image_token, cfg.text.hidden_size)
 
 
 def test_real_presets_carry_the_spec_numbers():
@@ -57,32 +63,36 @@ def test_configs_are_frozen_and_validated():
 
 def test_per_sample_placeholder_mismatch_names_the_sample(tiny):
     # sample 0 has one placeholder too many, sample 1 one too few: the batch total is right
-    rows = [prompt(64 + 1), prompt(64 - 1)]
-    ids = torch.stack([torch.nn.functional.pad(r, (0, 75 - len(r)), value=30) for r in rows])
-    pv = torch.randn(2, 3, 224, 224)
-    with pytest.raises(ValueError, match=r"sample 0: the prompt has 65 <IMG_CONTEXT> tokens"):
+    n = tiny.config.num_image_token
+    rows = [prompt(n + 1), prompt(n - 1)]
+    ids = torch.stack([torch.nn.functional.pad(r, (0, n + 11 - len(r)), value=30) for r in rows])
+    pv = pixels(tiny, 2)
+    with pytest.raises(ValueError, match=rf"sample 0: the prompt has {n + 1} <IMG_CONTEXT> tokens"):
         tiny(ids, pv)
-    with pytest.raises(ValueError, match=r"sample 0: the prompt has 65 <IMG_CONTEXT> tokens but its 1 tile"):
+    with pytest.raises(ValueError, match=rf"sample 0: the prompt has {n + 1} <IMG_CONTEXT> tokens but its 1 tile"):
         tiny(ids, pv, num_tiles_per_sample=[1, 1])
 
 
 def test_total_mismatch_states_both_numbers(tiny):
-    ids = prompt(128)[None]
-    with pytest.raises(ValueError, match=r"128 <IMG_CONTEXT> tokens in total.*give 192 image features"):
-        tiny(ids, torch.randn(3, 3, 224, 224))
-    with pytest.raises(ValueError, match=r"its 3 tile\(s\) give 192"):
-        tiny(ids, torch.randn(3, 3, 224, 224), num_tiles_per_sample=[3])
+    n = tiny.config.num_image_token
+    ids = prompt(2 * n)[None]
+    with pytest.raises(ValueError, match=rf"{2 * n} <IMG_CONTEXT> tokens in total.*give {3 * n} image features"):
+        tiny(ids, pixels(tiny, 3))
+    with pytest.raises(ValueError, match=rf"its 3 tile\(s\) give {3 * n}"):
+        tiny(ids, pixels(tiny, 3), num_tiles_per_sample=[3])
 
 
 @torch.no_grad()
 def test_incremental_decoding_equals_full_forward(tiny):
-    ids = prompt(64, after=12)[None]  # 3 + 64 + 12 tokens
-    pv = torch.randn(1, 3, 224, 224)
+    n = tiny.config.num_image_token
+    ids = prompt(n, after=12)[None]  # 3 + n + 12 tokens
+    pv = pixels(tiny, 1)
     full = tiny(ids, pv).logits
-    out = tiny(ids[:, :70], pv, use_cache=True)
+    prefill = 3 + n + 3  # the image and 3 text tokens after it
+    out = tiny(ids[:, :prefill], pv, use_cache=True)
     cache = out.past_key_values
     step_logits = [out.logits]
-    for t in range(70, ids.shape[1], 3):  # chunks of 3 after the prefill exercise the offset causal mask
+    for t in range(prefill, ids.shape[1], 3):  # chunks of 3 after the prefill exercise the offset causal mask
         step = tiny(ids[:, t:t + 3], past_key_values=cache, use_cache=True)
         step_logits.append(step.logits)
     assert (torch.cat(step_logits, 1) - full).abs().max() <= 1e-4
@@ -90,8 +100,8 @@ def test_incremental_decoding_equals_full_forward(tiny):
 
 @torch.no_grad()
 def test_image_flags_drop_dummy_tiles(tiny):
-    ids = prompt(64)[None]
-    pv = torch.randn(2, 3, 224, 224)
+    ids = prompt(tiny.config.num_image_token)[None]
+    pv = pixels(tiny, 2)
     with_dummy = tiny(ids, pv, image_flags=torch.tensor([1, 0])).logits
     assert torch.allclose(with_dummy, tiny(ids, pv[:1]).logits, atol=1e-5)
 
@@ -165,12 +175,13 @@ def test_generation_stops_per_sample_and_pads(tiny):
 def test_static_cache_gives_the_same_greedy_tokens(tiny, padded):
     import ivl3lab
 
-    rows = [prompt(64, after=5), prompt(128, after=9)] if padded else [prompt(64, after=5)]
+    n = tiny.config.num_image_token
+    rows = [prompt(n, after=5), prompt(2 * n, after=9)] if padded else [prompt(n, after=5)]
     length = max(len(r) for r in rows)
     ids = torch.stack([torch.nn.functional.pad(r, (length - len(r), 0), value=0) for r in rows])
     mask = torch.stack([torch.nn.functional.pad(torch.ones(len(r), dtype=torch.long), (length - len(r), 0))
                         for r in rows])
-    pv = torch.randn(3 if padded else 1, 3, 224, 224)
+    pv = pixels(tiny, 3 if padded else 1)
     kwargs = dict(attention_mask=mask, pixel_values=pv, generation_config=dict(max_new_tokens=12))
     plain = ivl3lab.generate(tiny, ids, static_cache=False, **kwargs)
     static = ivl3lab.generate(tiny, ids, static_cache=True, **kwargs)

@@ -27,7 +27,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def proc(tok):
-    return Processor.from_config(get_preset("tiny"), tok)  # 224-px tiles, 64 tokens per tile, max 6 tiles
+    return Processor.from_config(get_preset("tiny"), tok)  # 112-px tiles, 16 tokens per tile, max 6 tiles
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,7 +93,10 @@ def _image(width, height, colour=(200, 30, 30)):
 
 
 def test_from_config_settings(proc):
-    assert (proc.image_size, proc.num_image_token, proc.min_num, proc.max_num) == (224, 64, 1, 6)
+    cfg = get_preset("tiny")
+    assert (proc.image_size, proc.num_image_token, proc.min_num, proc.max_num) == (
+        cfg.vision.image_size, cfg.num_image_token, cfg.min_dynamic_patch, cfg.max_dynamic_patch)
+    assert (proc.min_num, proc.max_num) == (1, 6)
     ids = (proc.image_token_id, proc.im_end_id, proc.img_start_id, proc.img_end_id, proc.pad_token_id)
     assert ids == (5, 2, 3, 4, 0)
 
@@ -112,12 +115,12 @@ def test_missing_token_is_a_clear_error():
 
 def test_three_tile_image_token_accounting(proc):
     out = proc("What is this?", images=_image(100, 50))  # aspect 2 -> 2x1 grid + thumbnail
-    ids = out["input_ids"][0].tolist()
-    assert out["pixel_values"].shape == (3, 3, 224, 224)
+    ids, n = out["input_ids"][0].tolist(), proc.num_image_token
+    assert out["pixel_values"].shape == (3, 3, proc.image_size, proc.image_size)
     assert out["num_patches_list"] == [3] and out["num_tiles_per_sample"] == [3]
     assert ids.count(3) == 1 and ids.count(4) == 1
     start, end = ids.index(3), ids.index(4)
-    assert ids[start + 1:end] == [5] * (3 * 64) and ids.count(5) == 3 * 64
+    assert ids[start + 1:end] == [5] * (3 * n) and ids.count(5) == 3 * n
     assert out["attention_mask"].all()
     text = proc.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\n你是书生·万象") and "<|im_start|>user\n<img>" in text
@@ -130,7 +133,7 @@ def test_batch_is_left_padded(proc):
     assert out["num_patches_list"] == [3, 1] and out["num_tiles_per_sample"] == [3, 1]
     assert out["pixel_values"].shape[0] == 4 and len(out["layouts"]) == 2
     mask, ids = out["attention_mask"], out["input_ids"]
-    n_pad = (2 * 64)  # the second sample has 2 tiles (128 tokens) fewer
+    n_pad = 2 * proc.num_image_token  # the second sample has 2 tiles (2 x tokens per tile) fewer
     assert mask[0].all() and not mask[1, :n_pad].any() and mask[1, n_pad:].all()
     assert (ids[1, :n_pad] == proc.pad_token_id).all()
     alone = proc(questions[1], images=_image(60, 60))["input_ids"][0]
@@ -149,12 +152,13 @@ def test_multi_image_prompt(proc):
     out = proc("Compare them.", images=[_image(100, 50), _image(60, 60)])
     text = proc.tokenizer.decode(out["input_ids"][0])
     assert "Image-1: <img>" in text and "</img>\nImage-2: <img>" in text and "</img>\nCompare them." in text
-    assert out["num_patches_list"] == [3, 1] and out["input_ids"][0].tolist().count(5) == 4 * 64
+    assert out["num_patches_list"] == [3, 1] and out["input_ids"][0].tolist().count(5) == 4 * proc.num_image_token
 
 
 def test_build_prompt_placeholder_rules(proc):
     assert "user\n<image>" not in proc.build_prompt("Q", [1])  # expanded, not left as text
-    assert "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 64 + "</img>\nQ<|im_end|>" in proc.build_prompt("Q", [1])
+    context = "<IMG_CONTEXT>" * proc.num_image_token
+    assert "<|im_start|>user\n<img>" + context + "</img>\nQ<|im_end|>" in proc.build_prompt("Q", [1])
     # with history the placeholder lives in the first question; nothing is prepended to the new one
     prompt = proc.build_prompt("And?", [1], history=[("<image>\nWhat?", "A star.")])
     assert "user\n<img>" in prompt and prompt.endswith("user\nAnd?<|im_end|>\n<|im_start|>assistant\n")
@@ -163,8 +167,9 @@ def test_build_prompt_placeholder_rules(proc):
 def test_video_frames_are_single_tiles(proc):
     frames = [_image(320, 180, (10 * i, 0, 0)) for i in range(4)]
     pixel_values, num_patches_list = proc.load_video(frames)
-    assert pixel_values.shape == (4, 3, 224, 224) and num_patches_list == [1, 1, 1, 1]
-    expected = np.asarray(frames[2].resize((224, 224), Image.BICUBIC), dtype=np.float32)[..., 0] / 255
+    size = proc.image_size
+    assert pixel_values.shape == (4, 3, size, size) and num_patches_list == [1, 1, 1, 1]
+    expected = np.asarray(frames[2].resize((size, size), Image.BICUBIC), dtype=np.float32)[..., 0] / 255
     assert np.allclose(pixel_values[2, 0].numpy(), (expected - 0.485) / 0.229, atol=1e-5)
 
 
@@ -175,11 +180,12 @@ def test_placeholder_mismatch_names_both_numbers(proc):
 
 
 def test_save_load_round_trip(proc, tmp_path):
-    custom = Processor(proc.tokenizer, image_size=112, num_image_token=16, max_num=4, system_message="Be brief.")
+    # settings that differ from both Processor's defaults and the tiny preset's, so neither can stand in for them
+    custom = Processor(proc.tokenizer, image_size=168, num_image_token=36, max_num=4, system_message="Be brief.")
     custom.save_pretrained(tmp_path)
     loaded = Processor.from_pretrained(tmp_path)
     settings = (loaded.image_size, loaded.num_image_token, loaded.max_num, loaded.system_message)
-    assert settings == (112, 16, 4, "Be brief.")
+    assert settings == (168, 36, 4, "Be brief.")
     a = custom("How many stars?", images=_image(100, 50))
     b = loaded("How many stars?", images=_image(100, 50))
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])

@@ -13,8 +13,9 @@ def processor():
     return ivl3lab.build("tiny")[1]
 
 
-# (width, height, max_num) -> expected tiles
-CASES = [((200, 200, 6), 1), ((448, 224, 6), 3), ((660, 440, 6), 7), ((900, 680, 12), 13)]
+# (width, height, max_num) -> expected tiles. 100x100 stays one tile: a square ties with 2x2, which wins only above
+# half of 2x2 tiles' pixels (2 x image_size^2)
+CASES = [((100, 100, 6), 1), ((448, 224, 6), 3), ((660, 440, 6), 7), ((900, 680, 12), 13)]
 
 
 @pytest.mark.parametrize("size,tiles", CASES, ids=[f"{t}tiles" for _, t in CASES])
@@ -26,13 +27,17 @@ def test_round_trip_box_tokens_box(processor, size, tiles):
     assert layout.num_tiles == tiles and len(tmap) == tiles * processor.num_image_token
     assert torch.equal(tmap.positions, (inputs["input_ids"][0] == processor.image_token_id).nonzero().flatten())
     side = tmap.side
+    assert side >= 4  # the blocks below fit a 4x4 token grid (tiny: 112-px tiles)
     for tile in range(layout.cols * layout.rows):
-        # a 2x3 block of tokens in this tile: its box maps back to exactly those tokens, and to the same box
-        block = [t.position for t in tmap.tokens if t.tile == tile and t.row in (1, 2) and t.col in (3, 4, 5)]
-        box = tmap.box_of(block)
-        back = tmap.tokens_in_box(box)
-        assert sorted(back.tolist()) == sorted(block)
-        assert tmap.box_of(back.tolist()) == pytest.approx(box)
+        # blocks of tokens in this tile: each box maps back to exactly those tokens, and to the same box. A 2x2
+        # block with neighbours on every side, and a non-square 2x3 block that reaches the tile's right edge
+        for rows, cols in (((1, 2), (1, 2)), ((1, 2), (1, 2, 3))):
+            block = [t.position for t in tmap.tokens if t.tile == tile and t.row in rows and t.col in cols]
+            assert len(block) == len(rows) * len(cols)
+            box = tmap.box_of(block)
+            back = tmap.tokens_in_box(box)
+            assert sorted(back.tolist()) == sorted(block)
+            assert tmap.box_of(back.tolist()) == pytest.approx(box)
     # every grid token covers its share of the image; the grid tokens tile the image exactly
     area = sum((t.box[2] - t.box[0]) * (t.box[3] - t.box[1]) for t in tmap.tokens if not t.thumbnail)
     assert area == pytest.approx(w * h)

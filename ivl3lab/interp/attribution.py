@@ -104,7 +104,7 @@ def block_sum(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _geometry(probe: Probe) -> tuple[int, int, int]:
-    """(tile px S, token px, patch px) of the probe: 224/28/14 for tiny, 448/28/14 for the released models."""
+    """(tile px S, token px, patch px) of the probe: 112/28/14 for tiny, 448/28/14 for the released models."""
     size, side = probe.pixel_values.shape[-1], probe.token_map.side
     return size, size // side, size // side // 2
 

@@ -32,10 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks, all micro-batches)")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr-vision", type=float, default=3e-3, help="the from-scratch ViT learns faster with more")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--text-ratio", type=float, default=0.25, help="share of text-only samples (1:3 -> 0.25)")
     ap.add_argument("--loss-reduction", default="square", choices=("token", "sample", "square"))
-    ap.add_argument("--pack-tokens", type=int, default=0, help="> 0: pack examples into rows of this many tokens")
+    ap.add_argument("--pack-tokens", type=int, default=512, help="> 0: pack examples into rows of this many tokens")
     ap.add_argument("--max-objects", type=int, default=3)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-per-type", type=int, default=100)
@@ -75,7 +76,7 @@ def main(argv=None) -> list[dict]:
         for block in list(model.vision.layers) + list(model.language.layers):
             fully_shard(block)
         fully_shard(model)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, grad_accum=args.grad_accum,
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, lr_vision=args.lr_vision, warmup_steps=args.warmup, grad_accum=args.grad_accum,
                       loss_reduction=args.loss_reduction, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                       seed=args.seed)
     out = Path(args.out)

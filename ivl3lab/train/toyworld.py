@@ -24,7 +24,8 @@ from ..processing.images import choose_grid
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
            "purple": (140, 50, 170), "orange": (245, 130, 20)}
 SHAPES = ("circle", "square", "triangle", "cross", "star")
-NEW_SHAPES = ("diamond",)  # never in pre-training: the LoRA experiment teaches it
+NEW_SHAPES = ("diamond",)  # never in pre-training: a new concept for the LoRA experiment
+NEW_COLOURS = {"pink": (255, 105, 180)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 # canvas aspect (cols, rows) in tiles; tiling picks the same grid, so object tiles are known exactly
 GRIDS = ((1, 1), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (3, 2), (2, 3))
@@ -53,7 +54,7 @@ class Scene:
 
 def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
     x, y, r = obj.cx, obj.cy, obj.size
-    fill = COLOURS[obj.colour]
+    fill = COLOURS.get(obj.colour) or NEW_COLOURS[obj.colour]
     if obj.shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif obj.shape == "square":
@@ -90,9 +91,10 @@ def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     return image
 
 
-def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None) -> Scene:
+def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None,
+               require_colour: Optional[str] = None) -> Scene:
     """One image with 1..max_objects objects and all its questions; the same seed gives the same scene.
-    `require_shape` puts that shape (e.g. a NEW_SHAPES one) in the scene and asks about it."""
+    `require_shape` / `require_colour` put that shape / colour (e.g. a new one) in the scene and ask about it."""
     rng = random.Random(seed)
     cols, rows = rng.choice(GRIDS)
     width, height = cols * tile_px, rows * tile_px
@@ -102,6 +104,8 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shap
     shapes, colours = rng.sample(SHAPES, n), rng.sample(list(COLOURS), n)
     if require_shape is not None:
         shapes[0] = require_shape
+    if require_colour is not None:
+        colours[0] = require_colour
     objects: list[Obj] = []
     tiles = list(range(cols * rows))
     for shape, colour in zip(shapes, colours):
@@ -118,7 +122,8 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shap
         _draw(draw, obj)
     scene = Scene(image, objects, (cols, rows))
     scene.caption = caption(scene)
-    scene.qa = questions(scene, rng, focus=require_shape)
+    focus = require_shape or next((o.shape for o in objects if o.colour == require_colour), None)
+    scene.qa = questions(scene, rng, focus=focus)
     return scene
 
 
@@ -171,9 +176,9 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_SEEDS[split] + index
 
 
-def scene(split: str, index: int, tile_px: int = 112, max_objects: int = 3,
-          require_shape: Optional[str] = None) -> Scene:
-    return make_scene(split_seed(split, index), tile_px, max_objects, require_shape)
+def scene(split: str, index: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None,
+          require_colour: Optional[str] = None) -> Scene:
+    return make_scene(split_seed(split, index), tile_px, max_objects, require_shape, require_colour)
 
 
 def text(split: str, index: int) -> str:
