@@ -14,6 +14,18 @@ from .config import get_preset
 from .model import InternVL3
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"  # 640x400, five coloured shapes
+TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy_model"  # the trained toy checkpoint (tiny preset)
+
+
+def load_toy(device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32):
+    """The `tiny` model pre-trained on the toy world (shipped with the package; how it was made and what it
+    scores: docs/toy_results.md) -> (model, processor)."""
+    from .weights import load_pretrained
+
+    if not (TOY_MODEL / "config.json").exists():
+        raise FileNotFoundError(f"no trained toy checkpoint at {TOY_MODEL}; make one with "
+                                f"`python -m ivl3lab.train.pretrain --out runs/toy` (docs/toy_results.md)")
+    return load_pretrained(TOY_MODEL, dtype=dtype, device=device)
 
 
 def build(preset: str = "tiny", seed: int = 0, dtype: Optional[torch.dtype] = None,

@@ -248,3 +248,32 @@ def test_chunked_loss_equals_plain_loss_and_gradients(tiny):
         results.append((float((total / weight).detach()), torch.cat([p.grad.flatten() for p in model.parameters()])))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     assert (results[0][1] - results[1][1]).abs().max() <= 1e-5
+
+
+def test_vision_warmup_trains_only_the_vision_tower():
+    from ivl3lab.train.vision_warmup import warm_up_vision
+
+    model = fresh()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    log = warm_up_vision(model, steps=3, batch_size=4, log_every=3)
+    assert log[-1]["step"] == 3 and 0 <= log[-1]["vision_acc_shape"] <= 1
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("vision.") for n in changed)
+
+
+def test_concept_data_and_evaluator(tiny):
+    from ivl3lab.train.concept import ConceptData, concept_items, make_concept_evaluator
+    from ivl3lab.train.toyworld import COLOURS
+
+    model, processor = tiny
+    assert "pink" not in COLOURS  # never drawn during pre-training
+    items = concept_items(processor, "pink", n=4)
+    assert len(items) == 4 and all(kind in ("new_colour", "new_shape") for kind, _ in items)
+    for _, example in items:
+        answer = processor.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != -100])
+        question = processor.tokenizer.decode(example.input_ids)
+        assert "pink" in answer or "pink object" in question
+    batch = ConceptData(processor, "pink", batch_size=2).batches(0, 0)
+    assert batch.input_ids.shape[0] == 2
+    scores = make_concept_evaluator(processor, "pink", n_new=4, per_type=1)(model)
+    assert {"acc_new", "acc_original", "acc_colour"} <= set(scores)

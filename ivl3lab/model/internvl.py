@@ -54,7 +54,11 @@ class InternVL3(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Truncation-free normal init for training from scratch (checkpoints overwrite all of it)."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, nn.Conv2d):
+                # the patch embedding keeps PyTorch's fan-in init: with normal(0.02) on its 3*14*14 inputs a
+                # from-scratch ViT learned toy shapes to 42 % in 200 steps, against 66 % (88 % at 300) with fan-in
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

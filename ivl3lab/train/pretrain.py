@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..build import build
 from .loop import Trainer, TrainConfig
 from .toy import ToyData, make_evaluator
+from .vision_warmup import warm_up_vision
 
 TOY_SYSTEM_MESSAGE = "Answer the question."
 
@@ -38,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--loss-reduction", default="square", choices=("token", "sample", "square"))
     ap.add_argument("--pack-tokens", type=int, default=512, help="> 0: pack examples into rows of this many tokens")
     ap.add_argument("--max-objects", type=int, default=3)
+    ap.add_argument("--vision-warmup-steps", type=int, default=300,
+                    help="ViT-only shape/colour pre-training before the multimodal stage (0 = none)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-per-type", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -80,6 +83,12 @@ def main(argv=None) -> list[dict]:
                       loss_reduction=args.loss_reduction, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                       seed=args.seed)
     out = Path(args.out)
+    resuming = (out / "latest").exists()
+    if args.vision_warmup_steps and not resuming:  # every rank runs the same seeded warm-up
+        warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))
     trainer = Trainer(model, cfg, data.batches, out_dir=out, evaluate=evaluate, wrap_ddp=not args.fsdp)
     if trainer.resume() and rank == 0:
         print(f"resumed from {out / (out / 'latest').read_text()} at step {trainer.step}")
