@@ -115,3 +115,24 @@ def test_delta_is_frozen_outside_training_steps(setup):
         objective(model, batch, objective.weights(batch))  # an evaluation pass
     objective.pending.clear()  # what an evaluation loop does: no on_step_end, nothing folded in
     assert objective.delta.count < 1e-12 and objective.delta.mean == 0.0
+
+
+def test_reference_from_disabled_adapters_equals_the_base_model(setup):
+    from ivl3lab.train.lora import apply_lora
+    from ivl3lab.train.mpo import precompute_reference, reference_from_adapters
+
+    model, processor, items = setup
+    base = copy.deepcopy(model)
+    peft_model = apply_lora(copy.deepcopy(model), "language", r=4, init_lora_weights=False)  # non-zero adapter
+    batch = preference_batch(processor, items[:2])
+    with torch.no_grad():
+        from_adapters = reference_from_adapters(peft_model)(batch)
+        from_copy = reference_from_model(base)(batch)
+        with_adapters = sequence_logps(peft_model(**batch.model_inputs()).logits, batch.labels)[0]
+    assert torch.allclose(from_adapters, from_copy, atol=1e-5)
+    assert not torch.allclose(with_adapters, from_copy, atol=1e-3)
+    stored = precompute_reference(base, preference_batch(processor, items[:2]))
+    assert torch.allclose(stored.ref_logps, from_copy)
+    objective = MPOObjective(MPOConfig())  # no reference callable: uses batch.ref_logps
+    total, weight, metrics = objective(base, stored, objective.weights(stored))
+    assert weight == 2 and abs(metrics["reward_chosen"]) < 1e-6  # policy == reference -> zero rewards

@@ -135,3 +135,19 @@ def reference_from_model(reference_model):
         logits = reference_model(**batch.model_inputs()).logits
         return sequence_logps(logits, batch.labels)[0]
     return score
+
+
+def reference_from_adapters(peft_model):
+    """The reference policy of a LoRA run: the same module with its adapters disabled (no second copy)."""
+    def score(batch: Batch) -> torch.Tensor:
+        with peft_model.disable_adapter():
+            logits = peft_model(**batch.model_inputs()).logits
+        return sequence_logps(logits, batch.labels)[0]
+    return score
+
+
+def precompute_reference(reference_model, batch: Batch) -> Batch:
+    """Store the reference log-probs in the batch once (saves a forward per step, and the reference's memory)."""
+    with torch.no_grad():
+        batch.ref_logps = reference_from_model(reference_model)(batch)
+    return batch
