@@ -55,12 +55,17 @@ def test_notebook_executes(path):
     assert images, "the notebook should draw something"
 
 
-def test_demo_runs_and_says_the_weights_are_random(capsys):
+def test_demo_answers_a_fresh_scene_and_writes_a_heatmap(capsys, tmp_path):
     from ivl3lab import demo
 
-    demo.main(["--max-new-tokens", "4"])
+    png = tmp_path / "attention.png"
+    demo.main(["--max-new-tokens", "4", "--seed", "1", "--out", str(png)])
     out = capsys.readouterr().out
-    assert "RANDOM weights" in out and "tiles" in out and "<IMG_CONTEXT> tokens" in out and "logits" in out
+    assert "tiles" in out and "<IMG_CONTEXT> tokens" in out and "logits" in out
+    assert out.count("Q: ") >= 3 and "held-out toy scene" in out
+    trained = (demo.TOY_MODEL / "config.json").exists()
+    assert ("pre-trained on the toy world" in out) if trained else ("RANDOM weights" in out)
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def _requirement_set(items):
