@@ -59,7 +59,13 @@ class ToyData:
 def eval_items(processor, split: str = "val", per_type: int = 100, tile_px: int = 112, max_objects: int = 3,
                question_types=QUESTION_TYPES) -> list[tuple[str, Example]]:
     """(type, example) with one question each, `per_type` of every type, from scenes of `split`."""
-    items, counts, index = [], defaultdict(int), 0
+    return eval_items_from(processor, split, 0, per_type, tile_px, max_objects, question_types)
+
+
+def eval_items_from(processor, split: str, start: int, per_type: int = 100, tile_px: int = 112,
+                    max_objects: int = 3, question_types=QUESTION_TYPES) -> list[tuple[str, Example]]:
+    """Like `eval_items`, from scene index `start` on (a fresh set, disjoint from the usual one)."""
+    items, counts, index = [], defaultdict(int), start
     while any(counts[t] < per_type for t in question_types):
         s = scene(split, index, tile_px, max_objects)
         index += 1
