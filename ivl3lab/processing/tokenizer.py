@@ -163,10 +163,16 @@ def load_tokenizer(path_or_dir: Union[str, Path]):
     path = Path(path_or_dir)
     if path.exists() and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {str(path)!r}")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer peeks at config.json and warns that internvl_chat is unknown
     try:
         return AutoTokenizer.from_pretrained(str(path_or_dir))
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load a tokenizer from {str(path_or_dir)!r}: {err}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_tiny_tokenizer():
