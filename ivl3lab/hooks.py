@@ -96,7 +96,7 @@ def hooks(model: nn.Module, fwd_hooks: Iterable[tuple[NameFilter, HookFn]] = (),
         for names, fn in fwd_hooks:
             for point in select(points, names):
                 handles.append(point.add_hook(fn))
-                if pattern_queries is not None and point.name.startswith("language.") and point.name.endswith("hook_pattern"):
+                if pattern_queries is not None and point.name.endswith("hook_pattern"):
                     point.query_index = torch.as_tensor(pattern_queries, dtype=torch.long)
                     touched.append(point)
         yield model
@@ -133,7 +133,7 @@ def caching_hooks(cache: ActivationCache, names: NameFilter, points: dict[str, H
     """Hooks that copy activations into `cache` (detached, moved, cast, pattern keys sliced)."""
     def save(tensor: torch.Tensor, hook: HookPoint) -> None:
         value = tensor.detach()
-        if pattern_keys is not None and hook.name.startswith("language.") and hook.name.endswith("hook_pattern"):
+        if pattern_keys is not None and hook.name.endswith("hook_pattern"):
             value = value[..., pattern_keys.to(value.device)]
         value = value.to(device=to, dtype=dtype) if (to is not None or dtype is not None) else value
         if steps:
@@ -149,8 +149,9 @@ def run_with_cache(model: nn.Module, *args, names_filter: NameFilter = None, to=
     """Run the model once and return (output, ActivationCache of the selected hook points).
 
     Caching `hook_pattern` points switches only those layers to materialised attention. `pattern_queries` /
-    `pattern_keys` (sequence positions) keep just that slice of each LLM pattern — e.g. text queries x image
-    keys; ViT patterns (per tile, over patches) are never sliced by sequence positions.
+    `pattern_keys` keep just that slice (query rows / key columns) of every requested pattern — e.g. text
+    queries x image keys of LLM patterns. ViT patterns are indexed by patch (CLS = 0) and LLM patterns by
+    sequence position, so slice them in separate runs.
     """
     cache = ActivationCache()
     points = hook_points(model)

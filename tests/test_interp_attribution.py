@@ -115,7 +115,8 @@ def test_feature_ablation_matches_a_hand_made_ablation(tiny, one_tile):
     ablated[:, :, px * row:px * row + px, px * col:px * col + px] = make_baseline(ablated, "black")[:, :, :px, :px]
     with torch.no_grad():
         effect = float(one_tile.score(model) - one_tile.score(model, pixel_values=ablated))
-    assert effect != 0 and float(a.features[k]) == pytest.approx(effect, rel=1e-4, abs=1e-6)
+    # batched (captum) vs single forward in float32: log-probs of magnitude ~5 agree to ~1e-6 each
+    assert effect != 0 and float(a.features[k]) == pytest.approx(effect, rel=1e-4, abs=1e-5)
 
 
 def test_region_masks_cover_grid_tiles_and_thumbnail(tiny, three_tiles):
