@@ -40,11 +40,6 @@ class KVCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only batch rows `index` (used when some samples of a batch stop early)."""
-        self.keys = [k[index] for k in self.keys]
-        self.values = [v[index] for v in self.values]
-
 
 class StaticKVCache:
     """Preallocated keys/values [B, Hkv, max_len, D] per layer, written in place: no reallocation and no copy

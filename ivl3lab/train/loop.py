@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -238,7 +238,3 @@ class Trainer:
                 log.close()
         self.module.eval()
         return self.history
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

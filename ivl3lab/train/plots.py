@@ -40,14 +40,6 @@ def plot_history(history: Sequence[dict], title: str = "", target: float = 0.9):
     return fig
 
 
-def first_time_above(history: Sequence[dict], key: str, target: float = 0.9):
-    """(wall seconds, step) of the first evaluation where `key` >= target, or None."""
-    for h in history:
-        if h.get(key, -1) >= target:
-            return h["time"], h["step"]
-    return None
-
-
 def plot_answers(model, processor, scenes, max_new_tokens: int = 6, columns: int = 4):
     """A grid of toy images, each with one question, the model's greedy answer and the truth (green = right)."""
     import matplotlib.pyplot as plt

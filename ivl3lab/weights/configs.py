@@ -6,6 +6,7 @@ that says what was found.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from ..config import InternVLConfig, TextConfig, VisionConfig
@@ -153,7 +154,7 @@ def from_hf_config(d: dict) -> InternVLConfig:
         hidden_act=v.get("hidden_act", "gelu"))
     text = _text_config(d["text_config"])
     if "tie_word_embeddings" in d:  # transformers reads the top-level flag
-        text = TextConfig(**{**text.__dict__, "tie_word_embeddings": bool(d["tie_word_embeddings"])})
+        text = dataclasses.replace(text, tie_word_embeddings=bool(d["tie_word_embeddings"]))
     layer = d.get("vision_feature_layer", -1)
     return InternVLConfig(vision=vision, text=text, downsample_ratio=d.get("downsample_ratio", 0.5),
                           ps_version="v2", select_layer=layer, image_token_id=d.get("image_token_id", 151667))
