@@ -277,3 +277,30 @@ def test_concept_data_and_evaluator(tiny):
     assert batch.input_ids.shape[0] == 2
     scores = make_concept_evaluator(processor, "pink", n_new=4, per_type=1)(model)
     assert {"acc_new", "acc_original", "acc_colour"} <= set(scores)
+
+
+def test_dense_vision_labels_match_the_drawn_objects():
+    from ivl3lab.train.toyworld import COLOURS, SHAPES, label_map, make_scene
+    from ivl3lab.train.vision_warmup import patch_labels
+
+    s = next(make_scene(seed) for seed in range(100) if make_scene(seed).grid == (3, 1)
+             and len(make_scene(seed).objects) >= 2)
+    labels = label_map(s)
+    for k, obj in enumerate(s.objects, start=1):
+        assert labels.getpixel((int(obj.cx), int(obj.cy))) == k  # every object's centre carries its id
+    x, shapes, colours = patch_labels(s, 112, 14)
+    assert x.shape == (4, 3, 112, 112) and shapes.shape == colours.shape == (4, 64)  # 3 tiles + thumbnail
+    for obj in s.objects:  # the patch under the centre, in the object's own tile
+        col, row = int(obj.cx % 112) // 14, int(obj.cy % 112) // 14
+        assert shapes[obj.tile - 1, row * 8 + col] == SHAPES.index(obj.shape) + 1
+        assert colours[obj.tile - 1, row * 8 + col] == list(COLOURS).index(obj.colour) + 1
+    in_thumbnail = set(shapes[3].unique().tolist()) - {0}
+    assert in_thumbnail <= {SHAPES.index(o.shape) + 1 for o in s.objects} and in_thumbnail
+
+
+def test_scene_layout_does_not_depend_on_the_tile_size():
+    small, large = scene("test", 3, tile_px=112), scene("test", 3, tile_px=448)
+    assert small.grid == large.grid and small.qa == large.qa
+    for a, b in zip(small.objects, large.objects):
+        assert (a.shape, a.colour, a.tile) == (b.shape, b.colour, b.tile)
+        assert b.cx == pytest.approx(4 * a.cx) and b.size == pytest.approx(4 * a.size)

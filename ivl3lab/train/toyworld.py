@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Optional
-from typing import Optional
 
 from PIL import Image, ImageDraw
 
@@ -52,9 +51,9 @@ class Scene:
     caption: str = ""
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
+def _draw(draw: ImageDraw.ImageDraw, obj: Obj, fill=None) -> None:
     x, y, r = obj.cx, obj.cy, obj.size
-    fill = COLOURS.get(obj.colour) or NEW_COLOURS[obj.colour]
+    fill = fill if fill is not None else COLOURS.get(obj.colour) or NEW_COLOURS[obj.colour]
     if obj.shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif obj.shape == "square":
@@ -78,7 +77,8 @@ def _draw(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
 def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     level = rng.randint(200, 250)
     image = Image.new("RGB", size, (level, level, level))
-    if rng.random() < 0.4:  # light texture: stripes or a checker, never as saturated as an object
+    textured, rng = rng.random() < 0.4, random.Random(rng.random())  # texture draws come from their own stream,
+    if textured:  # so the scene's layout does not depend on the image size; light stripes or a checker
         draw = ImageDraw.Draw(image)
         step = rng.choice((16, 24, 32))
         shade = (level - 18,) * 3
@@ -127,6 +127,15 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shap
     return scene
 
 
+def label_map(scene: Scene) -> Image.Image:
+    """Which object covers each pixel: 0 for background, k for `scene.objects[k - 1]` (dense vision labels)."""
+    labels = Image.new("L", scene.image.size, 0)
+    draw = ImageDraw.Draw(labels)
+    for k, obj in enumerate(scene.objects, start=1):
+        _draw(draw, obj, fill=k)
+    return labels
+
+
 def caption(scene: Scene) -> str:
     parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} in tile {o.tile}"
              for o in sorted(scene.objects, key=lambda o: o.cx)]
@@ -142,12 +151,14 @@ def questions(scene: Scene, rng: random.Random, focus: Optional[str] = None) -> 
     qa = [("colour", f"What color is the {o.shape}?", o.colour),
           ("shape", f"What shape is the {o.colour} object?", o.shape),
           ("count", "How many objects are there?", NUMBER_WORDS[len(objs)])]
+    # where-questions name objects by colour and shape, as people do ("the red star"): the colour question
+    # already tests finding an object by its shape alone
     if scene.grid != (1, 1):
-        qa.append(("tile", f"Which tile is the {o.shape} in?", f"tile {o.tile}"))
+        qa.append(("tile", f"Which tile is the {o.colour} {o.shape} in?", f"tile {o.tile}"))
     pairs = [(a, b) for a in objs for b in objs if abs(a.cx - b.cx) > a.size + b.size]
     if pairs:
         a, b = rng.choice(pairs)
-        qa.append(("position", f"Is the {a.shape} left or right of the {b.shape}?",
+        qa.append(("position", f"Is the {a.colour} {a.shape} left or right of the {b.colour} {b.shape}?",
                    "left" if a.cx < b.cx else "right"))
     rng.shuffle(qa)
     return qa
