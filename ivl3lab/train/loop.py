@@ -80,14 +80,36 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
+def is_sharded(model) -> bool:
+    """True for an FSDP2 (`fully_shard`) model, whose state_dict() holds only this rank's shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state as whole tensors. Under FSDP2 this gathers the shards (a collective: every
+    rank must call it) onto the CPU, so rank 0 can write one checkpoint that any world size can read."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 2,
+                    state: Optional[tuple[dict, dict]] = None) -> Path:
     """Write step-N/ under a temporary name and rename it, then point `latest` at it (both renames are atomic):
-    a kill at any moment leaves the previous complete checkpoint as `latest`."""
+    a kill at any moment leaves the previous complete checkpoint as `latest`. `state`: (model, optimizer)
+    state dicts already gathered with `full_state` (FSDP2)."""
     directory.mkdir(parents=True, exist_ok=True)
     final, tmp = directory / f"step-{step:07d}", directory / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "extra": extra,
+    model_state, optimizer_state = state or (model.state_dict(), optimizer.state_dict())
+    state = {"step": step, "model": model_state, "optimizer": optimizer_state, "extra": extra,
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     torch.save(state, tmp / "state.pt")
@@ -105,8 +127,14 @@ def load_checkpoint(directory: Path, model, optimizer) -> tuple[int, dict]:
     """-> (step to continue from, extra state). Restores model, optimizer and every RNG."""
     name = (directory / "latest").read_text().strip()
     state = torch.load(directory / name / "state.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):  # whole tensors in the file; every rank keeps its own shards of them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -227,11 +255,12 @@ class Trainer:
                 bar.update(1)
                 if self.step % max(1, cfg.log_every) == 0:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if self.out_dir and self.rank == 0 and (
-                        (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
-                    self.extra.update({name: obj.state_dict() for name, obj in self.stateful.items()})
-                    save_checkpoint(self.out_dir, self.step, self.module, self.optimizer, self.extra,
-                                    cfg.keep_checkpoints)
+                if self.out_dir and ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.steps):
+                    state = full_state(self.module, self.optimizer) if is_sharded(self.module) else None
+                    if self.rank == 0:
+                        self.extra.update({name: obj.state_dict() for name, obj in self.stateful.items()})
+                        save_checkpoint(self.out_dir, self.step, self.module, self.optimizer, self.extra,
+                                        cfg.keep_checkpoints, state)
         finally:
             bar.close()
             if log:

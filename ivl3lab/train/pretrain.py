@@ -60,6 +60,23 @@ def init_distributed(device: str) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def save_final_model(model, args, processor, directory: Path, rank: int) -> None:
+    """The trained model in the original checkpoint format. Under FSDP2 the shards are gathered first (every
+    rank takes part) and rank 0 writes them through an ordinary, unsharded copy of the model."""
+    from .loop import is_sharded
+
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            whole, _ = build(args.preset, seed=args.seed, device="cpu", system_message=TOY_SYSTEM_MESSAGE)
+            whole.load_state_dict(state)
+            whole.save_pretrained(directory, format="original", processor=processor)
+    elif rank == 0:
+        model.save_pretrained(directory, format="original", processor=processor)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
@@ -96,8 +113,7 @@ def main(argv=None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
     history = trainer.fit(progress=not args.no_progress)
-    if rank == 0 and not args.fsdp:
-        model.save_pretrained(out / "model", format="original", processor=processor)
+    save_final_model(model, args, processor, out / "model", rank)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
