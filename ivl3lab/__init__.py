@@ -8,7 +8,7 @@ The public API — notebooks and tutorials use only these names:
     model.chat(processor, pixel_values, "Describe the image.", dict(max_new_tokens=64))
     ivl3lab.save_pretrained(model, "out/", format="hf", processor=processor)
 """
-from .build import SAMPLE_IMAGE, TOY_MODEL, build, load_toy
+from .build import SAMPLE_IMAGE, TOY_MODEL, TOY_SFT_MODEL, build, load_toy
 from .config import PRESETS, InternVLConfig, TextConfig, VisionConfig, get_preset
 from .hooks import ActivationCache, HookPoint, hook_points, hooks, run_with_cache, run_with_hooks
 from .generation import GenerationConfig, batch_chat, chat, generate, iter_tokens, stream_chat
@@ -20,7 +20,8 @@ from .weights import UnsupportedCheckpoint, load_pretrained, save_pretrained
 __version__ = "0.1.0"
 
 __all__ = [
-    "build", "load_toy", "SAMPLE_IMAGE", "TOY_MODEL", "load_pretrained", "save_pretrained", "UnsupportedCheckpoint",
+    "build", "load_toy", "SAMPLE_IMAGE", "TOY_MODEL", "TOY_SFT_MODEL",
+    "load_pretrained", "save_pretrained", "UnsupportedCheckpoint",
     "InternVL3", "InternVLOutput", "KVCache", "pixel_unshuffle",
     "InternVLConfig", "VisionConfig", "TextConfig", "PRESETS", "get_preset",
     "Processor", "TileLayout", "dynamic_preprocess", "process_image", "load_image", "load_tokenizer",

@@ -15,17 +15,25 @@ from .model import InternVL3
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "sample.png"  # 640x400, five coloured shapes
 TOY_MODEL = Path(__file__).resolve().parent / "assets" / "toy_model"  # the trained toy checkpoint (tiny preset)
+TOY_SFT_MODEL = TOY_MODEL.with_name("toy_model_sft")  # the same after the step-by-step reasoning SFT
 
 
-def load_toy(device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32):
-    """The `tiny` model pre-trained on the toy world (shipped with the package; how it was made and what it
-    scores: docs/toy_results.md) -> (model, processor)."""
+def load_toy(device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = torch.float32,
+             variant: str = "pretrained"):
+    """The `tiny` model trained on the toy world (shipped with the package; how it was made and what it
+    scores: docs/toy_results.md) -> (model, processor). variant "sft": after the reasoning SFT that the
+    preference-optimisation and test-time-scaling notebooks start from (docs/mpo.md)."""
     from .weights import load_pretrained
 
-    if not (TOY_MODEL / "config.json").exists():
-        raise FileNotFoundError(f"no trained toy checkpoint at {TOY_MODEL}; make one with "
-                                f"`python -m ivl3lab.train.pretrain --out runs/toy` (docs/toy_results.md)")
-    return load_pretrained(TOY_MODEL, dtype=dtype, device=device)
+    paths = {"pretrained": (TOY_MODEL, "python -m ivl3lab.train.pretrain --out runs/toy"),
+             "sft": (TOY_SFT_MODEL, "python -m ivl3lab.train.mpo_toy sft --out runs/sft")}
+    if variant not in paths:
+        raise ValueError(f"variant must be one of {sorted(paths)}, got {variant!r}")
+    path, command = paths[variant]
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no trained toy checkpoint at {path}; make one with `{command}` "
+                                f"(docs/toy_results.md)")
+    return load_pretrained(path, dtype=dtype, device=device)
 
 
 def build(preset: str = "tiny", seed: int = 0, dtype: Optional[torch.dtype] = None,

@@ -35,15 +35,20 @@ class Example:
 
 def chat_example(processor, turns: Sequence[tuple[str, str]], image=None, system_message: Optional[str] = None,
                  max_num: Optional[int] = None, kind: str = "chat") -> Example:
-    """(question, answer) turns about one image (or none): the first question gets the `<image>` placeholder."""
+    """(question, answer) turns about one image, several, or none: the first question gets the `<image>`
+    placeholder (several images: "Image-1: <image>\nImage-2: <image>\n...", the official multi-image prompt)."""
     pixel_values, num_patches = None, []
-    if image is not None:
-        pixel_values, layout = processor.load_image(image, max_num)
-        num_patches = [layout.num_tiles]
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    if images:
+        loaded = [processor.load_image(im, max_num) for im in images]
+        pixel_values = torch.cat([pv for pv, _ in loaded])  # [sum of tiles, 3, S, S]
+        num_patches = [layout.num_tiles for _, layout in loaded]
     messages = []
     for k, (question, answer) in enumerate(turns):
-        if k == 0 and image is not None and IMAGE_PLACEHOLDER not in question:
-            question = f"{IMAGE_PLACEHOLDER}\n{question}"
+        if k == 0 and images and IMAGE_PLACEHOLDER not in question:
+            prefix = IMAGE_PLACEHOLDER if len(images) == 1 else \
+                "\n".join(f"Image-{i}: {IMAGE_PLACEHOLDER}" for i in range(1, len(images) + 1))
+            question = f"{prefix}\n{question}"
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     system = processor.system_message if system_message is None else system_message
     ids: list[int] = []

@@ -1,7 +1,7 @@
 """The toy MPO experiment, end to end (issue: measured, over seeds, against the right baselines).
 
     python -m ivl3lab.train.mpo_toy sft --out runs/sft                # the shipped toy model -> reasoning SFT
-    python -m ivl3lab.train.mpo_toy mpo --sft runs/sft/model --out runs/mpo --seeds 0 1 2
+    python -m ivl3lab.train.mpo_toy mpo --out runs/mpo --seeds 0 1 2     # from the shipped SFT'd model
 
 `sft` teaches the pre-trained toy model the step-by-step answer format (ivl3lab/train/reasoning.py). `mpo`, per
 seed: samples answers from the SFT model on training scenes, builds correctness pairs (and Dropout-NTP caption
@@ -39,8 +39,10 @@ def sft_reasoning(model, processor, steps: int = 300, batch_size: int = 16, lr: 
 def load_model(path):
     from ..weights.io import load_pretrained
 
-    model, processor = load_pretrained(path, dtype=torch.float32) if path else load_toy(dtype=torch.float32)
-    return model, processor
+    """A model directory, or (None) the shipped SFT'd toy model."""
+    if path:
+        return load_pretrained(path, dtype=torch.float32)
+    return load_toy(dtype=torch.float32, variant="sft")
 
 
 def build_pairs(model, processor, n_items: int, n_samples: int, seed: int, out_dir=None, captions: int = 0):
@@ -98,7 +100,7 @@ def main(argv=None) -> dict:
     a.add_argument("--steps", type=int, default=300)
     a.add_argument("--threads", type=int, default=0)
     b = sub.add_parser("mpo")
-    b.add_argument("--sft", required=True, help="the SFT'd model directory (made by the sft command)")
+    b.add_argument("--sft", default=None, help="the SFT'd model directory (default: the shipped one)")
     b.add_argument("--out", required=True)
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     b.add_argument("--steps", type=int, default=100)

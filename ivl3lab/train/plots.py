@@ -57,3 +57,83 @@ def plot_answers(model, processor, scenes, max_new_tokens: int = 6, columns: int
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def plot_preference_history(history: Sequence[dict], title: str = "MPO"):
+    """The MPO terms, rewards and margin, preference accuracy and the reward shift delta, by step."""
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for key in ("loss_pref", "loss_quality", "loss_gen", "loss"):
+        axes[0].plot(steps, [h[key] for h in history], label=key)
+    axes[0].set_title("loss terms")
+    for key in ("reward_chosen", "reward_rejected", "margin"):
+        axes[1].plot(steps, [h[key] for h in history], label=key)
+    axes[1].plot(steps, [h["delta"] for h in history], "k:", label="delta (reward shift)")
+    axes[1].set_title("rewards  beta*(log pi - log pi_ref)")
+    axes[2].plot(steps, [h["accuracy"] for h in history], label="reward accuracy (r_c > r_r)")
+    axes[2].set_ylim(0, 1.02)
+    axes[2].set_title("preference accuracy (batch)")
+    evals = [h for h in history if any(k.startswith("acc_") for k in h)]
+    for key in sorted({k for h in evals for k in h if k.startswith("acc_")}):
+        axes[3].plot([h["step"] for h in evals], [h[key] for h in evals], "o-", label=key[4:])
+    axes[3].set_ylim(0, 1.02)
+    axes[3].set_title("held-out accuracy")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_reasoning_answers(models: dict, processor, items, max_new_tokens: int = 64, columns: int = 4):
+    """Toy images with the step-by-step answer of each model (green = right final answer, red = wrong)."""
+    import matplotlib.pyplot as plt
+
+    from .reasoning import is_correct, sample_responses
+
+    answers = {name: sample_responses(m, processor, items, 1, temperature=0.0, max_new_tokens=max_new_tokens)
+               for name, m in models.items()}
+    columns = min(columns, len(items))
+    rows = (len(items) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False)
+    for k, (ax, item) in enumerate(zip(axes.flat, items)):
+        ax.imshow(item.image)
+        ax.set_title(item.question, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        lines = []
+        for name, responses in answers.items():
+            text = responses[k][0].replace("\n\n", " | ")
+            ok = is_correct(responses[k][0], item.answer)
+            lines.append((f"{name}: {text}", "green" if ok else "red"))
+        for j, (line, colour) in enumerate(lines):
+            ax.text(0, -0.04 - 0.09 * j, line, transform=ax.transAxes, fontsize=6.5, color=colour, va="top",
+                    wrap=True)
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_scores(steps: Sequence[str], scores: Sequence[float], labels: Sequence[bool] = (), ax=None,
+                     title: str = ""):
+    """One response's steps as horizontal bars of P("+"), optionally with their Monte-Carlo labels."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 0.8))
+    y = list(range(len(steps)))[::-1]
+    colours = ["tab:green" if s >= 0.5 else "tab:red" for s in scores]
+    ax.barh(y, scores, color=colours)
+    names = [s if len(s) < 48 else s[:45] + "..." for s in steps]
+    if labels:
+        names = [f"[{'+' if ok else '-'}] {n}" for n, ok in zip(names, labels)]
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel('P("+")  (step score)')
+    ax.set_title(title, fontsize=9)
+    return ax

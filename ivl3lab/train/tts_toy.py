@@ -52,7 +52,7 @@ def evaluate_best_of_n(policy, processor, reward_models: dict, items, ns=(1, 2, 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default=None, help="the SFT'd policy (default: the shipped toy model)")
+    ap.add_argument("--policy", default=None, help="the SFT'd policy (default: the shipped SFT'd toy model)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--train-items", type=int, default=150)
     ap.add_argument("--samples", type=int, default=4, help="responses per training question")
