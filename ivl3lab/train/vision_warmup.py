@@ -69,7 +69,7 @@ def _foreground_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                   log_every: int = 50, max_objects: int = 3, background_weight: float = 1.0) -> list[dict]:
+                   log_every: int = 50, max_objects: int = 3, background_weight: float = 0.1) -> list[dict]:
     """Train `model.vision` (only) on dense shape + colour labels; returns the log. The heads are dropped.
 
     Logged accuracies are over object patches of held-out scenes (background patches are easy and excluded)."""
