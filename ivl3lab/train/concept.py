@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .data import Batch, chat_example, collate
 from .toy import eval_items, exact_match
-from .toyworld import QUESTION_TYPES, conversation, scene
+from .toyworld import QUESTION_TYPES, scene
 
 
 @dataclass
@@ -29,7 +29,9 @@ class ConceptData:
         new = rng.random() < self.new_ratio
         s = scene("train", 50_000_000 + index, self.tile_px, self.max_objects,
                   require_colour=self.colour if new else None)
-        return chat_example(self.processor, conversation(s), image=s.image)
+        turns = [(q, a) for _, q, a in s.qa]
+        turns.insert(rng.randint(0, len(turns)), ("Describe the image.", s.caption))
+        return chat_example(self.processor, turns, image=s.image)
 
     def batches(self, step: int, micro: int, rank: int = 0, world: int = 1) -> Batch:
         per_rank = self.batch_size // world

@@ -40,7 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pack-tokens", type=int, default=512, help="> 0: pack examples into rows of this many tokens")
     ap.add_argument("--max-objects", type=int, default=3)
     ap.add_argument("--vision-warmup-steps", type=int, default=300,
-                    help="ViT-only shape/colour pre-training before the multimodal stage (0 = none)")
+                    help="ViT-only dense shape/colour pre-training before the multimodal stage (0 = none)")
+    ap.add_argument("--vision-position-weight", type=float, default=0.0,
+                    help="weight of the warm-up's per-patch column target (keeps left/right readable)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-per-type", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -102,7 +104,8 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out)
     resuming = (out / "latest").exists()
     if args.vision_warmup_steps and not resuming:  # every rank runs the same seeded warm-up
-        warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed)
+        warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed,
+                                position_weight=args.vision_position_weight)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))

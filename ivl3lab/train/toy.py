@@ -1,8 +1,8 @@
 """The toy task end to end: examples from the toy world, deterministic batches, and exact-match evaluation.
 
 Pre-training mixture (native multimodal, one stage): text-only samples and image-text samples at a
-configurable ratio (the paper uses about 1:3). An image-text sample is one conversation about one scene: its
-questions, then the caption (all answers supervised) — several facts per image per step.
+configurable ratio (the paper uses about 1:3). An image-text sample is one conversation about one scene: the
+caption, then every question of the scene (all answers supervised) — several facts per image per step.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ class ToyData:
             return text_example(self.processor, text(self.split, index))
         s = scene(self.split, index, self.tile_px, self.max_objects)
         turns = [(q, a) for kind, q, a in s.qa if kind in self.question_types]
-        if self.caption:  # last: it spells out the answers (toyworld.conversation)
-            turns.append(("Describe the image.", s.caption))
+        if self.caption:  # anywhere in the conversation: evaluation asks a question right after the image
+            turns.insert(rng.randint(0, len(turns)), ("Describe the image.", s.caption))
         return chat_example(self.processor, turns, image=s.image, kind="image")
 
     def batches(self, step: int, micro: int, rank: int = 0, world: int = 1) -> Batch:

@@ -121,7 +121,7 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shap
     for obj in objects:
         _draw(draw, obj)
     scene = Scene(image, objects, (cols, rows))
-    scene.caption = caption(scene, shape_first=rng.random() < 0.5)
+    scene.caption = caption(scene)
     focus = require_shape or next((o.shape for o in objects if o.colour == require_colour), None)
     scene.qa = questions(scene, rng, focus=focus)
     return scene
@@ -136,53 +136,32 @@ def label_map(scene: Scene) -> Image.Image:
     return labels
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def caption(scene: Scene, shape_first: bool = False) -> str:
-    """Every object, left to right, with its colour, shape and tile. `shape_first` names the shape before the
-    colour ("a star that is red"): writing such a caption binds shape -> colour, the direction the colour
-    question needs, where "a red star" binds colour -> shape."""
-    parts = [f"{_article(o.shape)} {o.shape} that is {o.colour} in tile {o.tile}" if shape_first else
-             f"{_article(o.colour)} {o.colour} {o.shape} in tile {o.tile}"
+def caption(scene: Scene) -> str:
+    parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} in tile {o.tile}"
              for o in sorted(scene.objects, key=lambda o: o.cx)]
     return "There " + ("is " if len(parts) == 1 else "are ") + ", ".join(parts[:-1]) + \
         (" and " if len(parts) > 1 else "") + parts[-1] + "."
 
 
 def questions(scene: Scene, rng: random.Random, focus: Optional[str] = None) -> list[tuple[str, str, str]]:
-    """Every question with a unique answer, ordered so that no earlier turn gives a later answer away.
-
-    First (shuffled): the count, and for every object *either* its colour *or* its shape question — asking
-    both would let the second be copied from the first ("What shape is the red object?" -> "star", then "What
-    color is the star?"). Then (shuffled) the questions that name objects by colour and shape, as people do
-    ("Which tile is the red star in?", "Is the red star left or right of the blue circle?"): their answers
-    (tile, side) appear nowhere before. With `focus`, only that shape's object (and pairs with it) is asked about.
-    """
+    """Every question type that has a unique answer for this scene, in random order (about the `focus`
+    shape when given)."""
     objs = scene.objects
-    targets = [o for o in objs if o.shape == focus] or objs
-    what = [("count", "How many objects are there?", NUMBER_WORDS[len(objs)])]
-    for o in targets:
-        what.append(("colour", f"What color is the {o.shape}?", o.colour) if rng.random() < 0.5 else
-                    ("shape", f"What shape is the {o.colour} object?", o.shape))
-    where = [("tile", f"Which tile is the {o.colour} {o.shape} in?", f"tile {o.tile}")
-             for o in targets if scene.grid != (1, 1)]
-    for i, a in enumerate(objs):
-        for b in objs[i + 1:]:
-            if abs(a.cx - b.cx) > a.size + b.size and (a in targets or b in targets):
-                a_, b_ = (a, b) if rng.random() < 0.5 else (b, a)
-                where.append(("position", f"Is the {a_.colour} {a_.shape} left or right of the "
-                              f"{b_.colour} {b_.shape}?", "left" if a_.cx < b_.cx else "right"))
-    rng.shuffle(what)
-    rng.shuffle(where)
-    return what + where
-
-
-def conversation(scene: Scene) -> list[tuple[str, str]]:
-    """The training conversation about a scene: its questions, then the caption last (a caption earlier
-    would spell out every answer that follows it)."""
-    return [(q, a) for _, q, a in scene.qa] + [("Describe the image.", scene.caption)]
+    o = next((x for x in objs if x.shape == focus), None) or rng.choice(objs)
+    qa = [("colour", f"What color is the {o.shape}?", o.colour),
+          ("shape", f"What shape is the {o.colour} object?", o.shape),
+          ("count", "How many objects are there?", NUMBER_WORDS[len(objs)])]
+    # where-questions name objects by colour and shape, as people do ("the red star"): the colour question
+    # already tests finding an object by its shape alone
+    if scene.grid != (1, 1):
+        qa.append(("tile", f"Which tile is the {o.colour} {o.shape} in?", f"tile {o.tile}"))
+    pairs = [(a, b) for a in objs for b in objs if abs(a.cx - b.cx) > a.size + b.size]
+    if pairs:
+        a, b = rng.choice(pairs)
+        qa.append(("position", f"Is the {a.colour} {a.shape} left or right of the {b.colour} {b.shape}?",
+                   "left" if a.cx < b.cx else "right"))
+    rng.shuffle(qa)
+    return qa
 
 
 # ------------------------------------------------------------------------------------------ text-only corpus

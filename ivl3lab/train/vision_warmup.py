@@ -69,7 +69,8 @@ def _foreground_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                   log_every: int = 50, max_objects: int = 3, background_weight: float = 0.1) -> list[dict]:
+                   log_every: int = 50, max_objects: int = 3, background_weight: float = 0.1,
+                   position_weight: float = 0.0) -> list[dict]:
     """Train `model.vision` (only) on dense shape + colour labels; returns the log. The heads are dropped.
 
     Logged accuracies are over object patches of held-out scenes (background patches are easy and excluded)."""
@@ -78,8 +79,11 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     vision = model.vision.train()
     cfg = model.config.vision
     device = next(vision.parameters()).device
+    grid = cfg.image_size // cfg.patch_size
     heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(cfg.hidden_size, len(SHAPES) + 1),
-                                 "colour": torch.nn.Linear(cfg.hidden_size, len(COLOURS) + 1)}).to(device)
+                                 "colour": torch.nn.Linear(cfg.hidden_size, len(COLOURS) + 1),
+                                 "column": torch.nn.Linear(cfg.hidden_size, grid)}).to(device)
+    column = torch.arange(grid * grid, device=device) % grid  # [g*g]: each patch's column, left to right
     params = list(vision.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     test_x, test_shape, test_colour, _ = scene_tiles(TEST_SEED, 128, cfg.image_size, cfg.patch_size, max_objects)
@@ -93,6 +97,9 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
                                weight=weight[:len(SHAPES) + 1]) + \
             F.cross_entropy(heads["colour"](features).flatten(0, 1), colour.flatten().to(device),
                             weight=weight[:len(COLOURS) + 1])
+        if position_weight:  # keep "where in the tile" readable from every token (left/right questions)
+            loss = loss + position_weight * F.cross_entropy(heads["column"](features).flatten(0, 1),
+                                                            column.repeat(len(features)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
