@@ -310,3 +310,25 @@ def test_every_question_type_is_asked_first_somewhere():
     """Evaluation asks one question right after the image: training must put every type there too."""
     first = {scene("train", i).qa[0][0] for i in range(200)}
     assert first == set(QUESTION_TYPES)
+
+
+def test_multi_image_examples_and_v2pe_positions(tiny):
+    """Several images in one conversation use the official "Image-k: <image>" prompt; V2PE with delta = 1 is
+    the ordinary model, and a smaller delta compresses only the image tokens' positions."""
+    from ivl3lab.train.v2pe_toy import MultiImageData, multi_image_example, with_positions
+
+    model, processor = tiny
+    example = multi_image_example(processor, "test", 3, num_images=3)
+    text = processor.tokenizer.decode(example.input_ids)
+    assert all(f"Image-{k}: <img>" in text for k in (1, 2, 3)) and "How many objects are in image" in text
+    tiles = [processor.load_image(scene("test", 3_000_000 + 3 * 32 + k).image)[1].num_tiles for k in range(3)]
+    assert example.num_tiles == sum(tiles)
+    batch = D.collate([example], processor.pad_token_id)
+    with torch.no_grad():
+        plain = model(**batch.model_inputs()).logits
+        v2pe = model(**with_positions(batch, processor.image_token_id, 1.0).model_inputs()).logits
+    assert torch.allclose(plain, v2pe, atol=1e-5)
+    squeezed = with_positions(D.collate([example], processor.pad_token_id), processor.image_token_id, 1 / 16)
+    assert squeezed.position_ids[0, -1] < batch.position_ids[0, -1] - sum(tiles) * 16 * 0.9
+    train = MultiImageData(processor, "random", batch_size=2).batches(0, 0)
+    assert train.position_ids.dtype == torch.float32 and train.position_ids.shape == train.input_ids.shape

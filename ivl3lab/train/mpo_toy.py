@@ -1,7 +1,7 @@
 """The toy MPO experiment, end to end (issue: measured, over seeds, against the right baselines).
 
-    python -m ivl3lab.train.mpo_toy sft --out runs/sft                # the shipped toy model -> reasoning SFT
-    python -m ivl3lab.train.mpo_toy mpo --out runs/mpo --seeds 0 1 2     # from the shipped SFT'd model
+    python -m ivl3lab.train.mpo_toy sft --out runs/sft --threads 2    # the shipped toy model -> reasoning SFT
+    python -m ivl3lab.train.mpo_toy mpo --out runs/mpo --threads 1   # seeds 0 1 2, from the shipped SFT'd model
 
 `sft` teaches the pre-trained toy model the step-by-step answer format (ivl3lab/train/reasoning.py). `mpo`, per
 seed: samples answers from the SFT model on training scenes, builds correctness pairs (and Dropout-NTP caption
@@ -64,7 +64,7 @@ def build_pairs(model, processor, n_items: int, n_samples: int, seed: int, out_d
 
 
 def run_seed(sft_path, seed: int, steps: int, n_items: int, n_samples: int, eval_items, out: Path,
-             captions: int = 0, lr: float = 2e-4, batch_size: int = 8, progress: bool = False) -> dict:
+             captions: int = 0, lr: float = 5e-4, batch_size: int = 8, progress: bool = False) -> dict:
     torch.manual_seed(seed)
     model, processor = load_model(sft_path)
     start = time.perf_counter()
@@ -103,12 +103,12 @@ def main(argv=None) -> dict:
     b.add_argument("--sft", default=None, help="the SFT'd model directory (default: the shipped one)")
     b.add_argument("--out", required=True)
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    b.add_argument("--steps", type=int, default=100)
-    b.add_argument("--items", type=int, default=200, help="training questions to sample answers for")
+    b.add_argument("--steps", type=int, default=300)
+    b.add_argument("--items", type=int, default=400, help="training questions to sample answers for")
     b.add_argument("--samples", type=int, default=8, help="answers sampled per question")
-    b.add_argument("--captions", type=int, default=0, help="scenes for Dropout-NTP caption pairs")
+    b.add_argument("--captions", type=int, default=32, help="scenes for Dropout-NTP caption pairs")
     b.add_argument("--eval-items", type=int, default=200)
-    b.add_argument("--lr", type=float, default=2e-4)
+    b.add_argument("--lr", type=float, default=5e-4)
     b.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
