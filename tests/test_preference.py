@@ -98,12 +98,12 @@ def test_dropout_ntp_rejects_the_blind_continuation(monkeypatch, tiny, items):
         seen.append(requests)
         if requests[0][1] is not None:  # with the image: the full answers
             return ["a red star in tile one", "same answer here"]
-        return ["blue circle", "answer here"]  # blind continuations
+        return [" blue circle", " answer here"]  # blind continuations
     monkeypatch.setattr(pref, "complete", fake_complete)
     pairs = pref.dropout_ntp_pairs(model, processor, [("Describe the image.", it.image) for it in items[:2]])
     assert all(request[1] is None for request in seen[1])  # the continuation never sees the image
-    assert [r[2] for r in seen[1]] == ["a red star ", "same "]  # truncated at half, on a word boundary
-    assert len(pairs) == 1  # "same " + "answer here" == the chosen answer: dropped
+    assert [r[2] for r in seen[1]] == ["a red star", "same"]  # truncated at half, before a space
+    assert len(pairs) == 1  # "same" + " answer here" == the chosen answer: dropped
     assert pairs[0][2] == "a red star in tile one" and pairs[0][3] == "a red star blue circle"
 
 

@@ -57,9 +57,10 @@ def correctness_pairs(model, processor, items: Sequence[ReasoningItem], n: int =
 
 
 def truncate_half(text: str) -> str:
-    """The first half of an answer, cut at a word boundary (Dropout-NTP's truncation point)."""
+    """The first half of an answer, cut before a space (Dropout-NTP's truncation point). No trailing space:
+    the tokenizer's words carry their leading space, so the continuation starts with " word" as usual."""
     words = text.split(" ")
-    return " ".join(words[:max(1, len(words) // 2)]) + " "
+    return " ".join(words[:max(1, len(words) // 2)])
 
 
 def dropout_ntp_pairs(model, processor, questions_images: Sequence[tuple[str, Image.Image]],
