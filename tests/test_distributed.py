@@ -33,7 +33,8 @@ def test_fsdp2_two_processes_match_one_save_whole_checkpoints_and_resume(tmp_pat
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fast = [a for a in ARGS] + ["--vision-warmup-steps", "0"]
+    # a short warm-up (it must run before sharding) and evaluation (every rank must take part under FSDP2)
+    fast = [a for a in ARGS] + ["--vision-warmup-steps", "2", "--eval-every", "3", "--eval-per-type", "2"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
                 "-m", "ivl3lab.train.pretrain", "--fsdp"]
     single = subprocess.run([sys.executable, "-m", "ivl3lab.train.pretrain", "--out", str(tmp_path / "one"), *fast],

@@ -13,6 +13,7 @@ from ivl3lab.train import prm as prm_mod
 from ivl3lab.train import reasoning as rsn
 from ivl3lab.train.best_of_n import best_of_n_curve, choose_best, choose_majority
 from ivl3lab.train.data import IGNORE
+from ivl3lab.train.mpo import sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_dropout_ntp_rejects_the_blind_continuation(monkeypatch, tiny, items):
         seen.append(requests)
         if requests[0][1] is not None:  # with the image: the full answers
             return ["a red star in tile one", "same answer here"]
-        return [" blue circle", " answer here"]  # blind continuations
+        return ["blue circle", "answer here"]  # blind continuations (decode strips the leading space)
     monkeypatch.setattr(pref, "complete", fake_complete)
     pairs = pref.dropout_ntp_pairs(model, processor, [("Describe the image.", it.image) for it in items[:2]])
     assert all(request[1] is None for request in seen[1])  # the continuation never sees the image
@@ -125,7 +126,7 @@ def test_preference_batches_are_deterministic_and_aligned(tiny, items):
     model, processor = tiny
     pairs = [(it.question, it.image, it.response, "Answer: no") for it in items]
     data = pref.PreferenceData(processor, pairs, batch_size=2, seed=3)
-    assert data.indices(5, 0) == data.indices(5, 0)
+    assert pref.PreferenceData(processor, pairs, batch_size=2, seed=3).indices(5, 0) == data.indices(5, 0)
     seen = [i for step in range(2) for i in data.indices(step, 0)]
     assert sorted(seen) == [0, 1, 2, 3]  # one epoch covers every pair once
     batch = data.batches(1, 0)
@@ -134,8 +135,11 @@ def test_preference_batches_are_deterministic_and_aligned(tiny, items):
     data.ref_logps = pref.precompute_reference_logps(model, data, batch_size=3)
     assert data.ref_logps.shape == (4, 2)
     batch = data.batches(1, 0)
-    idx = data.indices(1, 0)
-    assert torch.equal(batch.ref_logps, torch.cat([data.ref_logps[idx, 0], data.ref_logps[idx, 1]]))
+    with torch.no_grad():  # the stored values are the model's log-probs of exactly this batch's rows
+        direct = sequence_logps(model(**batch.model_inputs()).logits, batch.labels)[0]
+    assert torch.allclose(batch.ref_logps, direct, atol=1e-4)
+    with pytest.raises(ValueError, match="divide"):
+        pref.PreferenceData(processor, pairs, batch_size=3, grad_accum=2).indices(0, 0)
 
 
 def test_train_preference_logs_every_mpo_term_and_the_sft_baseline_runs(tiny, items):

@@ -332,3 +332,17 @@ def test_multi_image_examples_and_v2pe_positions(tiny):
     assert squeezed.position_ids[0, -1] < batch.position_ids[0, -1] - sum(tiles) * 16 * 0.9
     train = MultiImageData(processor, "random", batch_size=2).batches(0, 0)
     assert train.position_ids.dtype == torch.float32 and train.position_ids.shape == train.input_ids.shape
+
+
+def test_training_starts_from_clean_gradients(tiny):
+    """Gradients left on the parameters by earlier work (e.g. the vision warm-up) must not join step 1."""
+    _, processor = tiny
+
+    def first_update(dirty):
+        model = fresh()
+        if dirty:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+        Trainer(model, TrainConfig(steps=1, warmup_steps=1), small_data(processor).batches).fit(progress=False)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(first_update(False), first_update(True))

@@ -91,7 +91,8 @@ def is_sharded(model) -> bool:
 
 def full_state(model, optimizer) -> tuple[dict, dict]:
     """Model and optimizer state as whole tensors. Under FSDP2 this gathers the shards (a collective: every
-    rank must call it) onto the CPU, so rank 0 can write one checkpoint that any world size can read."""
+    rank must call it) onto the CPU, so rank 0 writes one checkpoint, which an FSDP2 run with any number of
+    processes resumes from (optimizer state is keyed by parameter name, as torch.distributed.checkpoint does)."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -236,6 +237,7 @@ class Trainer:
 
         cfg, start_time = self.cfg, time.perf_counter()
         self.module.train()
+        self.module.zero_grad(set_to_none=True)  # gradients left by earlier work must not join the first step
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0, desc="train")
         if self.out_dir and self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,9 +37,9 @@ def sft_reasoning(model, processor, steps: int = 300, batch_size: int = 16, lr: 
 
 
 def load_model(path):
+    """A model directory, or (None) the shipped SFT'd toy model."""
     from ..weights.io import load_pretrained
 
-    """A model directory, or (None) the shipped SFT'd toy model."""
     if path:
         return load_pretrained(path, dtype=torch.float32)
     return load_toy(dtype=torch.float32, variant="sft")

@@ -63,8 +63,16 @@ def truncate_half(text: str) -> str:
     return " ".join(words[:max(1, len(words) // 2)])
 
 
+def _join(prefix: str, continuation: str) -> str:
+    """prefix + continuation as one text: `decode` strips the continuation's leading space, so put it back
+    unless the continuation starts with punctuation."""
+    if not continuation or continuation[0] in ".,;:!?":
+        return prefix + continuation
+    return prefix + " " + continuation
+
+
 def dropout_ntp_pairs(model, processor, questions_images: Sequence[tuple[str, Image.Image]],
-                      seed: int = 0, max_new_tokens: int = 64) -> list[tuple[str, Image.Image, str, str]]:
+                      max_new_tokens: int = 64) -> list[tuple[str, Image.Image, str, str]]:
     """(question, image, chosen, rejected): chosen = the model's greedy answer with the image; rejected = its
     first half continued greedily without the image. Pairs where both are the same are dropped."""
     greedy = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -73,8 +81,9 @@ def dropout_ntp_pairs(model, processor, questions_images: Sequence[tuple[str, Im
     prefixes = [truncate_half(a) for a in answers]
     blind = complete(model, processor, [(q, None, prefix) for (q, _), prefix in zip(questions_images, prefixes)],
                      greedy)
-    return [(q, image, a, prefix + b) for (q, image), a, prefix, b in zip(questions_images, answers, prefixes, blind)
-            if (prefix + b).strip() != a.strip()]
+    return [(q, image, a, _join(prefix, b)) for (q, image), a, prefix, b in zip(questions_images, answers, prefixes,
+                                                                               blind)
+            if _join(prefix, b).strip() != a.strip()]
 
 
 # -------------------------------------------------------------------------------------------- JSONL storage
@@ -125,6 +134,9 @@ class PreferenceData:
 
     def indices(self, step: int, micro: int, rank: int = 0, world: int = 1) -> list[int]:
         per = self.batch_size // self.grad_accum // world
+        if per * self.grad_accum * world != self.batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must divide by grad_accum x world "
+                             f"({self.grad_accum} x {world})")
         first = ((step * self.grad_accum + micro) * world + rank) * per
         out = []
         for position in range(first, first + per):
@@ -161,7 +173,9 @@ def precompute_reference_logps(reference_model, data: PreferenceData, batch_size
     for start in range(0, len(data.pairs), batch_size):
         indices = list(range(start, min(start + batch_size, len(data.pairs))))
         batch = data.batch_of(indices).to(device)
-        logps = sequence_logps(reference_model(**batch.model_inputs()).logits, batch.labels)[0].cpu()
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):  # as the Trainer's policy
+            logits = reference_model(**batch.model_inputs()).logits
+        logps = sequence_logps(logits, batch.labels)[0].cpu()
         out.append(torch.stack([logps[:len(indices)], logps[len(indices):]], dim=1))
     return torch.cat(out)
 

@@ -90,25 +90,26 @@ def main(argv=None) -> list[dict]:
     data = ToyData(processor, batch_size=args.batch_size, grad_accum=args.grad_accum, tile_px=tile_px,
                    max_objects=args.max_objects, text_ratio=args.text_ratio, pack_tokens=args.pack_tokens,
                    seed=args.seed)
-    evaluate = make_evaluator(processor, per_type=args.eval_per_type, tile_px=tile_px,
-                              max_objects=args.max_objects) if args.eval_every and rank == 0 else None
+    # under FSDP2 an evaluation forward gathers shards, so every rank must run it (only rank 0 logs)
+    evaluate = make_evaluator(processor, per_type=args.eval_per_type, tile_px=tile_px, max_objects=args.max_objects) \
+        if args.eval_every and (rank == 0 or args.fsdp) else None
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, lr_vision=args.lr_vision, warmup_steps=args.warmup,
+                      grad_accum=args.grad_accum, loss_reduction=args.loss_reduction, eval_every=args.eval_every,
+                      ckpt_every=args.ckpt_every, seed=args.seed)
+    out = Path(args.out)
+    resuming = (out / "latest").exists()
+    if args.vision_warmup_steps and not resuming:  # every rank runs the same seeded warm-up, before any sharding
+        warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed,
+                                position_weight=args.vision_position_weight)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for block in list(model.vision.layers) + list(model.language.layers):
             fully_shard(block)
         fully_shard(model)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, lr_vision=args.lr_vision, warmup_steps=args.warmup, grad_accum=args.grad_accum,
-                      loss_reduction=args.loss_reduction, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                      seed=args.seed)
-    out = Path(args.out)
-    resuming = (out / "latest").exists()
-    if args.vision_warmup_steps and not resuming:  # every rank runs the same seeded warm-up
-        warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed,
-                                position_weight=args.vision_position_weight)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))
     trainer = Trainer(model, cfg, data.batches, out_dir=out, evaluate=evaluate, wrap_ddp=not args.fsdp)
     if trainer.resume() and rank == 0:
         print(f"resumed from {out / (out / 'latest').read_text()} at step {trainer.step}")

@@ -146,13 +146,16 @@ class PRMData:
 
     def example(self, index: int):
         question, image, response, labels = self.records[index]
-        if self.outcome:
-            return prm_example(self.processor, question, [response.strip()], [labels[-1]], image)
+        if self.outcome:  # the whole response as one step, exactly as score_responses(max_steps=1) sees it
+            return prm_example(self.processor, question, ["\n\n".join(split_steps(response, self.max_steps))],
+                               [labels[-1]], image)
         return prm_example(self.processor, question, split_steps(response, self.max_steps), labels, image)
 
     def batches(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
         from .data import collate
 
+        if micro:
+            raise ValueError("PRMData makes one micro-batch per step (no gradient accumulation)")
         per = self.batch_size // world
         first = (step * world + rank) * per
         rows = []

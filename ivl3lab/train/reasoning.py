@@ -170,5 +170,8 @@ class ReasoningSFTData:
         from .data import collate
 
         per_rank = self.batch_size // self.grad_accum // world
+        if per_rank * self.grad_accum * world != self.batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must divide by grad_accum x world "
+                             f"({self.grad_accum} x {world})")
         start = ((step * self.grad_accum + micro) * world + rank) * per_rank
         return collate([self.example(i) for i in range(start, start + per_rank)], self.processor.pad_token_id)

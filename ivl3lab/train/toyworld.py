@@ -181,7 +181,9 @@ def text_sample(seed: int) -> str:
 
 
 def split_seed(split: str, index: int) -> int:
-    """Seeds of different splits never meet (train/val/test never overlap)."""
+    """Seeds of different splits never meet for indices below 1,000,003 (train/val/test never overlap there).
+    Side experiments draw from far-off index ranges (millions); those ranges were chosen not to meet any
+    evaluation set, but they are not guaranteed disjoint from each other."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {list(SPLIT_SEEDS)}, got {split!r}")
     return SPLIT_SEEDS[split] + index

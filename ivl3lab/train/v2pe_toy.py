@@ -53,6 +53,8 @@ class MultiImageData:
     seed: int = 0
 
     def batches(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
+        if micro:
+            raise ValueError("MultiImageData makes one micro-batch per step (no gradient accumulation)")
         per = self.batch_size // world
         first = (step * world + rank) * per
         examples = []
@@ -71,7 +73,7 @@ def accuracy(model, processor, examples, delta: float, batch_size: int = 8) -> f
     hits = 0
     for start in range(0, len(examples), batch_size):
         batch = with_positions(collate(examples[start:start + batch_size], processor.pad_token_id),
-                               processor.image_token_id, delta)
+                               processor.image_token_id, delta).to(next(model.parameters()).device)
         logits = model(**batch.model_inputs()).logits
         targets = batch.labels[:, 1:]
         ok = ((logits[:, :-1].argmax(-1) == targets) | (targets == -100)).all(-1)

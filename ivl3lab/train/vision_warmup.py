@@ -112,5 +112,6 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
                 heads.to(device)
             log.append({"step": step, "loss": loss.item(), "vision_acc_shape": acc_shape,
                         "vision_acc_colour": acc_colour, "time": time.perf_counter() - start})
+    vision.zero_grad(set_to_none=True)  # leave no warm-up gradient behind for the next optimizer
     model.eval()
     return log
