@@ -59,11 +59,14 @@ def sample_next_token(logits: torch.Tensor, cfg: GenerationConfig,
 def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, generation_config=None,
                 num_tiles_per_sample: Optional[Sequence[int]] = None,
-                generator: Optional[torch.Generator] = None, static_cache: bool = True) -> Iterator[torch.Tensor]:
+                generator: Optional[torch.Generator] = None, static_cache: bool = True,
+                stop_check_every: int = 1) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, [B], step by step; finished samples yield pad_token_id.
 
     static_cache: preallocate the KV cache for prompt + max_new_tokens (written in place) instead of growing
     it by concatenation; both give identical tokens (tested).
+    stop_check_every: look on the host whether every sample has finished only every k steps (each look is a
+    device sync); up to k - 1 extra steps of pad tokens may follow the last stop. Streaming uses 1.
     """
     cfg = GenerationConfig.coerce(generation_config)
     stops = torch.tensor([] if cfg.eos_token_id is None else
@@ -87,7 +90,7 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
         token = token.masked_fill(finished, cfg.pad_token_id or 0)
         yield token
         finished |= torch.isin(token, stops)
-        if step == cfg.max_new_tokens - 1 or bool(finished.all()):
+        if step == cfg.max_new_tokens - 1 or ((step + 1) % stop_check_every == 0 and bool(finished.all())):
             return
         if padded:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
@@ -97,13 +100,29 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
 def generate(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              pixel_values: Optional[torch.Tensor] = None, generation_config=None,
              num_tiles_per_sample: Optional[Sequence[int]] = None,
-             generator: Optional[torch.Generator] = None, static_cache: bool = True) -> torch.Tensor:
-    """New tokens only, [B, T_new]; the stop token is included, positions after it hold pad_token_id."""
+             generator: Optional[torch.Generator] = None, static_cache: bool = True,
+             stop_check_every: Optional[int] = None) -> torch.Tensor:
+    """New tokens only, [B, T_new]; the stop token is included, positions after it hold pad_token_id.
+
+    Whether all samples have stopped is looked at on the host only every `stop_check_every` steps (each look
+    is a device sync; default 8 on CUDA, 1 elsewhere). The extra steps are cut off again here, so the tokens
+    are the same as with a check every step; only a shared `generator` advances a few steps further."""
+    if stop_check_every is None:
+        stop_check_every = 8 if input_ids.is_cuda else 1
     steps = list(iter_tokens(model, input_ids, attention_mask, pixel_values, generation_config,
-                             num_tiles_per_sample, generator, static_cache))
+                             num_tiles_per_sample, generator, static_cache, stop_check_every))
     if not steps:
         return input_ids.new_zeros(input_ids.shape[0], 0)
-    return torch.stack(steps, dim=1)
+    tokens = torch.stack(steps, dim=1)  # [B, T]
+    cfg = GenerationConfig.coerce(generation_config)
+    if stop_check_every > 1 and cfg.eos_token_id is not None:
+        stops = torch.tensor([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id),
+                             device=tokens.device)
+        stopped = torch.isin(tokens, stops).cumsum(1) > 0  # [B, T]: at or after the sample's stop token
+        ended = stopped.all(0)  # [T]: every sample has stopped by this step
+        if bool(ended.any()):  # keep up to the step where the last sample stopped, as a per-step check would
+            tokens = tokens[:, :int(ended.float().argmax()) + 1]
+    return tokens
 
 
 # ------------------------------------------------------------------------------------------------ chat API

@@ -186,3 +186,26 @@ def test_static_cache_gives_the_same_greedy_tokens(tiny, padded):
     plain = ivl3lab.generate(tiny, ids, static_cache=False, **kwargs)
     static = ivl3lab.generate(tiny, ids, static_cache=True, **kwargs)
     assert plain.shape == (len(rows), 12) and torch.equal(plain, static)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sample", [False, True])
+def test_fewer_stop_checks_give_the_same_tokens(tiny, sample):
+    """Checking on the host only every k steps whether all samples stopped (fewer device syncs) returns the
+    same tokens as a check every step: the extra steps are cut off."""
+    import ivl3lab
+
+    n = tiny.config.num_image_token
+    rows = [prompt(n, after=5), prompt(2 * n, after=9)]
+    length = max(len(r) for r in rows)
+    ids = torch.stack([torch.nn.functional.pad(r, (length - len(r), 0), value=0) for r in rows])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones(len(r), dtype=torch.long), (length - len(r), 0))
+                        for r in rows])
+    kwargs = dict(attention_mask=mask, pixel_values=pixels(tiny, 3))
+    free = ivl3lab.generate(tiny, ids, generation_config=dict(max_new_tokens=20), **kwargs)
+    stops = [int(free[0, 3]), int(free[1, 7])]  # the rows stop at different steps
+    cfg = dict(max_new_tokens=20, eos_token_id=stops, pad_token_id=0, do_sample=sample, temperature=1.5)
+    runs = [ivl3lab.generate(tiny, ids, generation_config=cfg, stop_check_every=k, **kwargs,
+                             generator=torch.Generator().manual_seed(3)) for k in (1, 5, 8)]
+    assert runs[0].shape[1] < 20 or sample  # greedy: stopped early, so there was something to cut
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
