@@ -253,3 +253,13 @@ def test_best_of_n_curve_against_hand_computed_values():
         assert curve["perfect"][0] == pytest.approx(mean_correct, abs=0.05) and len(values) == 2
     with pytest.raises(ValueError, match="N up to 8"):
         best_of_n_curve(correct, answers, {}, ns=(1, 8))
+
+
+def test_exact_step_labels_check_each_step_against_the_scene(items):
+    item = items[0]
+    steps = prm_mod.split_steps(item.response)
+    assert rsn.exact_step_labels(item, item.response) == [True] * len(steps)
+    first = steps[0]
+    wrong_tile = first.replace(first.split("tile ")[1], "9.")
+    broken = "\n\n".join([wrong_tile, "I am not sure.", "Answer: nope"])
+    assert rsn.exact_step_labels(item, broken) == [False, False, False]

@@ -175,3 +175,23 @@ class ReasoningSFTData:
                              f"({self.grad_accum} x {world})")
         start = ((step * self.grad_accum + micro) * world + rank) * per_rank
         return collate([self.example(i) for i in range(start, start + per_rank)], self.processor.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------- exact step labels
+_STEP = re.compile(r"There is an? (\w+) (\w+) in tile (\d+)\.")
+
+
+def exact_step_labels(item: ReasoningItem, response: str, tile_px: int = 112) -> list[bool]:
+    """Step labels from the toy world's ground truth instead of rollouts: an object step is "+" iff that
+    object (colour, shape, tile) is in the scene, the answer step iff the final answer is right."""
+    from .prm import split_steps
+
+    objects = {(o.colour, o.shape, o.tile) for o in scene(item.split, item.index, tile_px).objects}
+    labels = []
+    for step in split_steps(response):
+        found = _STEP.fullmatch(step.strip())
+        if found:
+            labels.append((found[1], found[2], int(found[3])) in objects)
+        else:
+            labels.append(final_answer(step) == item.answer if step.strip().startswith("Answer") else False)
+    return labels

@@ -23,13 +23,20 @@ import torch
 from .best_of_n import best_of_n_curve, plot_best_of_n
 from .mpo_toy import load_model
 from .prm import monte_carlo_labels, response_score, score_responses, train_reward_model
-from .reasoning import final_answer, is_correct, reasoning_items, sample_responses
+from .reasoning import exact_step_labels, final_answer, is_correct, reasoning_items, sample_responses
 
 
-def reward_records(policy, processor, items, samples: int, rollouts: int, seed: int = 0):
-    """(question, image, response, step labels) for every sampled response of every item."""
+def reward_records(policy, processor, items, samples: int, rollouts: int, seed: int = 0, labels: str = "mc"):
+    """(question, image, response, step labels) for every sampled response of every item. labels "mc":
+    Monte-Carlo rollouts (what works without ground truth); "exact": checked against the toy scene."""
     responses = sample_responses(policy, processor, items, samples, temperature=1.0, seed=seed)
-    labels = monte_carlo_labels(policy, processor, items, responses, rollouts=rollouts, seed=seed + 1)
+    if labels == "exact":
+        tile_px = policy.config.vision.image_size
+        labels = [[exact_step_labels(item, r, tile_px) for r in rs] for item, rs in zip(items, responses)]
+    elif labels == "mc":
+        labels = monte_carlo_labels(policy, processor, items, responses, rollouts=rollouts, seed=seed + 1)
+    else:
+        raise ValueError(f"labels must be 'mc' or 'exact', got {labels!r}")
     return [(item.question, item.image, r, lab) for item, rs, ls in zip(items, responses, labels)
             for r, lab in zip(rs, ls) if lab]
 
@@ -60,6 +67,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=200, help="reward-model training steps")
     ap.add_argument("--eval-items", type=int, default=150)
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--labels", default="mc", choices=("mc", "exact"),
+                    help="step labels: Monte-Carlo rollouts, or exact checks against the toy scene")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
@@ -71,7 +80,7 @@ def main(argv=None) -> dict:
     tile_px = policy.config.vision.image_size
     timings, start = {}, time.perf_counter()
     train_items = reasoning_items("train", args.train_items, start=9_000_000, tile_px=tile_px)
-    records = reward_records(policy, processor, train_items, args.samples, args.rollouts, args.seed)
+    records = reward_records(policy, processor, train_items, args.samples, args.rollouts, args.seed, args.labels)
     timings["labels"] = time.perf_counter() - start
     step_labels = [x for r in records for x in r[3]]
     reward_models = {}
