@@ -55,6 +55,12 @@ def sample_next_token(logits: torch.Tensor, cfg: GenerationConfig,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _stop_ids(cfg: GenerationConfig, device) -> torch.Tensor:
+    eos = cfg.eos_token_id
+    return torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=device,
+                        dtype=torch.long)
+
+
 @torch.no_grad()
 def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, generation_config=None,
@@ -69,9 +75,7 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
     device sync); up to k - 1 extra steps of pad tokens may follow the last stop. Streaming uses 1.
     """
     cfg = GenerationConfig.coerce(generation_config)
-    stops = torch.tensor([] if cfg.eos_token_id is None else
-                         [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id),
-                         device=input_ids.device, dtype=torch.long)
+    stops = _stop_ids(cfg, input_ids.device)
     batch = input_ids.shape[0]
     # checked once on the host: an unpadded batch needs no mask at all, so no step syncs to inspect one
     padded = attention_mask is not None and not bool(attention_mask.all())
@@ -116,9 +120,7 @@ def generate(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional
     tokens = torch.stack(steps, dim=1)  # [B, T]
     cfg = GenerationConfig.coerce(generation_config)
     if stop_check_every > 1 and cfg.eos_token_id is not None:
-        stops = torch.tensor([cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id),
-                             device=tokens.device)
-        stopped = torch.isin(tokens, stops).cumsum(1) > 0  # [B, T]: at or after the sample's stop token
+        stopped = torch.isin(tokens, _stop_ids(cfg, tokens.device)).cumsum(1) > 0  # [B, T]: at or after the sample's stop token
         ended = stopped.all(0)  # [T]: every sample has stopped by this step
         if bool(ended.any()):  # keep up to the step where the last sample stopped, as a per-step check would
             tokens = tokens[:, :int(ended.float().argmax()) + 1]
@@ -181,18 +183,20 @@ def stream_chat(model: InternVL3, processor, pixel_values, question: str, genera
 
 
 def batch_chat(model: InternVL3, processor, pixel_values, questions: Sequence[str], generation_config=None,
-               num_patches_list=None, generator=None) -> list[str]:
-    """One question per sample, left-padded into one batch; `num_patches_list` gives each sample's tiles."""
+               num_patches_list=None, generator=None, answer_prefixes: Optional[Sequence[str]] = None) -> list[str]:
+    """One question per sample, left-padded into one batch; `num_patches_list` gives each sample's tiles (0: no
+    image). `answer_prefixes` pre-fill the start of each answer, which is then continued (only the continuation
+    is returned)."""
     if pixel_values is not None and num_patches_list is None:
         raise ValueError("batch_chat needs num_patches_list (tiles per sample) when pixel_values are given")
     num_patches_list = list(num_patches_list or [0] * len(questions))
     if len(num_patches_list) != len(questions):
         raise ValueError(f"{len(questions)} questions but num_patches_list has {len(num_patches_list)} entries")
     prompts = []
-    for question, tiles in zip(questions, num_patches_list):
+    for question, tiles, prefix in zip(questions, num_patches_list, answer_prefixes or [""] * len(questions)):
         if tiles and "<image>" not in question:
             question = "<image>\n" + question
-        prompts.append(processor.build_prompt(question, num_patches_list=[tiles] if tiles else []))
+        prompts.append(processor.build_prompt(question, num_patches_list=[tiles] if tiles else []) + prefix)
     enc = processor.tokenize(prompts, num_tiles_per_sample=num_patches_list, padding_side="left")
     ids, pixel_values = _device_inputs(model, enc["input_ids"], pixel_values)
     tokens = generate(model, ids, attention_mask=enc["attention_mask"].to(model.device), pixel_values=pixel_values,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .data import Batch, chat_example, collate
+from .data import Batch, chat_example, collate, example_range
 from .toy import eval_items, exact_match
 from .toyworld import QUESTION_TYPES, scene
 
@@ -34,9 +34,8 @@ class ConceptData:
         return chat_example(self.processor, turns, image=s.image)
 
     def batches(self, step: int, micro: int, rank: int = 0, world: int = 1) -> Batch:
-        per_rank = self.batch_size // world
-        start = step * self.batch_size + rank * per_rank
-        return collate([self.example(i) for i in range(start, start + per_rank)], self.processor.pad_token_id)
+        return collate([self.example(i) for i in example_range(self.batch_size, 1, step, micro, rank, world)],
+                       self.processor.pad_token_id)
 
 
 def concept_items(processor, colour: str = "pink", n: int = 60, tile_px: int = 112, max_objects: int = 3):

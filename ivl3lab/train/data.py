@@ -7,6 +7,7 @@ inside each example (block-diagonal causal mask).
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -93,6 +94,24 @@ class Batch:
         return dict(input_ids=self.input_ids, pixel_values=self.pixel_values, attention_mask=self.attention_mask,
                     position_ids=self.position_ids, segment_ids=self.segment_ids,
                     num_tiles_per_sample=self.num_tiles_per_sample, image_flags=self.image_flags)
+
+
+def example_range(batch_size: int, grad_accum: int, step: int, micro: int, rank: int = 0, world: int = 1) -> range:
+    """Which examples (a running index) make micro-batch `micro` of optimizer step `step` on `rank`: a pure
+    function of its arguments, so resuming replays the same data and any world size sees the same global batch."""
+    per_rank = batch_size // grad_accum // world
+    if per_rank * grad_accum * world != batch_size:
+        raise ValueError(f"batch_size {batch_size} must divide by grad_accum x world ({grad_accum} x {world})")
+    start = ((step * grad_accum + micro) * world + rank) * per_rank
+    return range(start, start + per_rank)
+
+
+def epoch_shuffled(position: int, n: int, key: str) -> int:
+    """Item at `position` of an endless stream over n items, reshuffled every epoch (seeded by key + epoch)."""
+    epoch, offset = divmod(position, n)
+    order = list(range(n))
+    random.Random(f"{key}{epoch}").shuffle(order)
+    return order[offset]
 
 
 def collate(examples: Sequence[Example], pad_id: int, max_len: Optional[int] = None) -> Batch:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from .data import Batch
+from .data import Batch, epoch_shuffled, example_range
 from .mpo import MPOConfig, MPOObjective, preference_batch, sequence_logps
 from .reasoning import ReasoningItem, complete, is_correct, sample_responses
 
@@ -133,18 +133,8 @@ class PreferenceData:
     ref_logps: Optional[torch.Tensor] = None  # [len(pairs), 2]: chosen, rejected
 
     def indices(self, step: int, micro: int, rank: int = 0, world: int = 1) -> list[int]:
-        per = self.batch_size // self.grad_accum // world
-        if per * self.grad_accum * world != self.batch_size:
-            raise ValueError(f"batch_size {self.batch_size} must divide by grad_accum x world "
-                             f"({self.grad_accum} x {world})")
-        first = ((step * self.grad_accum + micro) * world + rank) * per
-        out = []
-        for position in range(first, first + per):
-            epoch, offset = divmod(position, len(self.pairs))
-            order = list(range(len(self.pairs)))
-            random.Random(f"{self.seed}/{epoch}").shuffle(order)
-            out.append(order[offset])
-        return out
+        return [epoch_shuffled(position, len(self.pairs), f"{self.seed}/")
+                for position in example_range(self.batch_size, self.grad_accum, step, micro, rank, world)]
 
     def batch_of(self, indices: Sequence[int]) -> Batch:
         batch = preference_batch(self.processor, [self.pairs[i] for i in indices])

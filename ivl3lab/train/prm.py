@@ -5,7 +5,6 @@ and "-" at the position that predicts each assistant answer, response score = th
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -33,22 +32,9 @@ def prm_turns(question: str, steps: Sequence[str]) -> list[tuple[str, str]]:
 @torch.no_grad()
 def step_scores(model, processor, question: str, response: str, image=None, max_steps: int = 16) -> torch.Tensor:
     """P("+") for every step of `response`, [n_steps], from ONE forward pass."""
-    from .data import chat_example
-
-    steps = split_steps(response, max_steps)
-    if not steps:
+    if not split_steps(response, max_steps):
         raise ValueError("the response has no steps to score")
-    example = chat_example(processor, prm_turns(question, steps), image=image, system_message=PRM_SYSTEM)
-    plus, minus = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("+", "-"))
-    ids = torch.tensor([example.input_ids], device=model.device)
-    # the pre-filled "+" of each assistant turn is supervised; the position before it predicts it
-    answer_positions = [i for i, label in enumerate(example.labels) if label == plus]
-    if len(answer_positions) != len(steps):
-        raise ValueError(f"found {len(answer_positions)} pre-filled answers for {len(steps)} steps")
-    pv = None if example.pixel_values is None else example.pixel_values.to(model.device, model.dtype)
-    logits = model(ids, pv).logits[0]  # [L, V]
-    pair = logits[[p - 1 for p in answer_positions]][:, [plus, minus]].float()  # [n_steps, 2]
-    return pair.softmax(-1)[:, 0]
+    return score_responses(model, processor, [(question, image, response)], max_steps)[0]
 
 
 def response_score(scores: torch.Tensor) -> float:
@@ -83,7 +69,7 @@ def prm_example(processor, question: str, steps: Sequence[str], labels: Optional
 @torch.no_grad()
 def score_responses(model, processor, requests: Sequence[tuple[str, object, str]], max_steps: int = 16,
                     batch_size: int = 32) -> list[torch.Tensor]:
-    """Batched `step_scores`: requests are (question, image, response); one tensor of P("+") per response.
+    """P("+") for every step of each response, in batches: requests are (question, image, response).
     `max_steps=1` scores the whole response as one step (an outcome reward model)."""
     from .data import collate
 
@@ -91,12 +77,16 @@ def score_responses(model, processor, requests: Sequence[tuple[str, object, str]
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(requests), batch_size):
-        examples = [prm_example(processor, q, split_steps(r, max_steps) or [r], image=image)
-                    for q, image, r in requests[start:start + batch_size]]
+        chunk = requests[start:start + batch_size]
+        steps = [split_steps(r, max_steps) or [r] for _, _, r in chunk]
+        examples = [prm_example(processor, q, st, image=image) for (q, image, _), st in zip(chunk, steps)]
         batch = collate(examples, processor.pad_token_id).to(device)
         logits = model(**batch.model_inputs()).logits  # [B, L, V]
         for row, example in enumerate(examples):
+            # the pre-filled "+" of each assistant turn is supervised; the position before it predicts it
             positions = [i - 1 for i, label in enumerate(example.labels) if label == plus]
+            if len(positions) != len(steps[row]):
+                raise ValueError(f"found {len(positions)} pre-filled answers for {len(steps[row])} steps")
             pair = logits[row, positions][:, [plus, minus]].float()  # [n_steps, 2]
             out.append(pair.softmax(-1)[:, 0].cpu())
     return out
@@ -143,6 +133,7 @@ class PRMData:
     seed: int = 0
     outcome: bool = False
     max_steps: int = 16
+    grad_accum: int = 1
 
     def example(self, index: int):
         question, image, response, labels = self.records[index]
@@ -152,18 +143,10 @@ class PRMData:
         return prm_example(self.processor, question, split_steps(response, self.max_steps), labels, image)
 
     def batches(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
-        from .data import collate
+        from .data import collate, epoch_shuffled, example_range
 
-        if micro:
-            raise ValueError("PRMData makes one micro-batch per step (no gradient accumulation)")
-        per = self.batch_size // world
-        first = (step * world + rank) * per
-        rows = []
-        for position in range(first, first + per):
-            epoch, offset = divmod(position, len(self.records))
-            order = list(range(len(self.records)))
-            random.Random(f"prm/{self.seed}/{epoch}").shuffle(order)
-            rows.append(self.example(order[offset]))
+        positions = example_range(self.batch_size, self.grad_accum, step, micro, rank, world)
+        rows = [self.example(epoch_shuffled(p, len(self.records), f"prm/{self.seed}/")) for p in positions]
         return collate(rows, self.processor.pad_token_id)
 
 

@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
-from ..generation import GenerationConfig, generate
-from .data import Example, chat_example
-from .toyworld import Scene, scene
+from ..generation import GenerationConfig, batch_chat
+from .data import Example, chat_example, collate, example_range
+from .toyworld import Scene, article, scene
 
 REASON_SUFFIX = "Reason step by step."
 ANSWER_PREFIX = "Answer: "
@@ -43,7 +43,7 @@ class ReasoningItem:
 
 
 def object_step(obj) -> str:
-    return f"There is {'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.colour} {obj.shape} in tile {obj.tile}."
+    return f"There is {article(obj.colour)} {obj.colour} {obj.shape} in tile {obj.tile}."
 
 
 def gold_response(s: Scene, shape: str) -> str:
@@ -100,25 +100,14 @@ def complete(model, processor, requests: Sequence[tuple[str, Optional[torch.Tens
     The prompt is the chat template up to the assistant turn plus the prefix; an image is given with its
     pixel_values, or left out (Dropout-NTP continues a truncated answer *without* the image). Returns only
     the continuations, left-padded batches of `batch_size`."""
-    cfg = GenerationConfig.coerce(generation_config, eos_token_id=processor.im_end_id,
-                                  pad_token_id=processor.pad_token_id)
     outputs: list[str] = []
     for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
-        prompts, tiles, pixels = [], [], []
-        for question, pixel_values, prefix in chunk:
-            n = 0 if pixel_values is None else pixel_values.shape[0]
-            if n and "<image>" not in question:
-                question = "<image>\n" + question
-            prompts.append(processor.build_prompt(question, num_patches_list=[n] if n else []) + prefix)
-            tiles.append(n)
-            if n:
-                pixels.append(pixel_values)
-        enc = processor.tokenize(prompts, num_tiles_per_sample=tiles, padding_side="left")
-        pv = torch.cat(pixels).to(model.device, model.dtype) if pixels else None
-        tokens = generate(model, enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device),
-                          pv, cfg, num_tiles_per_sample=tiles, generator=generator)
-        outputs += [processor.decode(row) for row in tokens]
+        questions, pixels, prefixes = zip(*requests[start:start + batch_size])
+        tiles = [0 if pv is None else pv.shape[0] for pv in pixels]
+        present = [pv for pv in pixels if pv is not None]
+        outputs += batch_chat(model, processor, torch.cat(present) if present else None, list(questions),
+                              generation_config, num_patches_list=tiles, generator=generator,
+                              answer_prefixes=list(prefixes))
     return outputs
 
 
@@ -156,25 +145,22 @@ class ReasoningSFTData:
     seed: int = 0
     grad_accum: int = 1
 
-    def example(self, index: int) -> Example:
+    def __post_init__(self):
         from .toy import ToyData
 
+        self.conversations = ToyData(self.processor, tile_px=self.tile_px, max_objects=self.max_objects,
+                                     text_ratio=0.0, seed=self.seed)
+
+    def example(self, index: int) -> Example:
         rng = random.Random(f"sft/{self.seed}/{index}")
         if rng.random() < self.qa_ratio:
-            return ToyData(self.processor, tile_px=self.tile_px, max_objects=self.max_objects,
-                           text_ratio=0.0, seed=self.seed).example(5_000_000 + index)
+            return self.conversations.example(5_000_000 + index)
         item = reasoning_item("train", 6_000_000 + index, self.tile_px, self.max_objects)
         return reasoning_example(self.processor, item)
 
     def batches(self, step: int, micro: int, rank: int = 0, world: int = 1):
-        from .data import collate
-
-        per_rank = self.batch_size // self.grad_accum // world
-        if per_rank * self.grad_accum * world != self.batch_size:
-            raise ValueError(f"batch_size {self.batch_size} must divide by grad_accum x world "
-                             f"({self.grad_accum} x {world})")
-        start = ((step * self.grad_accum + micro) * world + rank) * per_rank
-        return collate([self.example(i) for i in range(start, start + per_rank)], self.processor.pad_token_id)
+        indices = example_range(self.batch_size, self.grad_accum, step, micro, rank, world)
+        return collate([self.example(i) for i in indices], self.processor.pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------------- exact step labels

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .data import Batch, Example, chat_example, collate, greedy_pack, pack, text_example
+from .data import Batch, Example, chat_example, collate, example_range, greedy_pack, pack, text_example
 from .toyworld import QUESTION_TYPES, scene, text
 
 
@@ -43,13 +43,7 @@ class ToyData:
 
     def batches(self, step: int, micro: int, rank: int = 0, world: int = 1) -> Batch:
         """The examples of (step, micro-batch, rank): a pure function of its arguments (exact resume, DDP)."""
-        per_micro = self.batch_size // self.grad_accum
-        per_rank = per_micro // world
-        if per_rank * world * self.grad_accum != self.batch_size:
-            raise ValueError(f"batch_size {self.batch_size} must divide by grad_accum x world "
-                             f"({self.grad_accum} x {world})")
-        start = (step * self.grad_accum + micro) * per_micro + rank * per_rank
-        examples = [self.example(i) for i in range(start, start + per_rank)]
+        examples = [self.example(i) for i in example_range(self.batch_size, self.grad_accum, step, micro, rank, world)]
         pad = self.processor.pad_token_id
         if self.pack_tokens:
             return pack(greedy_pack(examples, self.pack_tokens), pad)

@@ -136,8 +136,12 @@ def label_map(scene: Scene) -> Image.Image:
     return labels
 
 
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption(scene: Scene) -> str:
-    parts = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {o.shape} in tile {o.tile}"
+    parts = [f"{article(o.colour)} {o.colour} {o.shape} in tile {o.tile}"
              for o in sorted(scene.objects, key=lambda o: o.cx)]
     return "There " + ("is " if len(parts) == 1 else "are ") + ", ".join(parts[:-1]) + \
         (" and " if len(parts) > 1 else "") + parts[-1] + "."

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..build import load_toy
-from .data import Example, chat_example, collate
+from .data import Example, chat_example, collate, example_range
 from .loop import TrainConfig, Trainer
 from .toyworld import NUMBER_WORDS, scene
 from .v2pe import v2pe_position_ids
@@ -51,18 +51,15 @@ class MultiImageData:
     max_images: int = 3
     tile_px: int = 112
     seed: int = 0
+    grad_accum: int = 1
 
     def batches(self, step: int, micro: int = 0, rank: int = 0, world: int = 1):
-        if micro:
-            raise ValueError("MultiImageData makes one micro-batch per step (no gradient accumulation)")
-        per = self.batch_size // world
-        first = (step * world + rank) * per
         examples = []
-        for index in range(first, first + per):
+        for index in example_range(self.batch_size, self.grad_accum, step, micro, rank, world):
             n = random.Random(f"n/{self.seed}/{index}").randint(1, self.max_images)
             examples.append(multi_image_example(self.processor, "train", index, n, self.tile_px))
         batch = collate(examples, self.processor.pad_token_id)
-        rng = random.Random(f"delta/{self.seed}/{step}/{rank}")
+        rng = random.Random(f"delta/{self.seed}/{step}/{rank}" + (f"/{micro}" if micro else ""))
         return with_positions(batch, self.processor.image_token_id, self.delta, rng)
 
 
