@@ -9,7 +9,10 @@ The measurement follows shared/bench/anchor_transformers.py (which produced tran
   logits for the last position only; 2 warm-up calls, median of 5;
 - decode: greedy generation of exactly 128 new tokens from a 1-tile prompt (8 + 256 + 32 tokens per sample) at
   batch 1 and 8; the timed call includes its prefill; tok/s = batch * new_tokens / median of 3 (1 warm-up).
-Both sides use SDPA attention and their default (dynamic) KV cache. Weights are random but identical: the
+Both sides use SDPA attention and their default `generate`: for transformers a dynamic KV cache, for ivl3lab
+a static cache with the decode step captured as a CUDA graph (on CUDA). ivl3lab's other decode paths are timed
+beside it: the plain (uncaptured) path, and with --compile-step the captured step compiled by torch.compile;
+on CUDA the captured path's greedy tokens are compared with the plain path's. Weights are random but identical: the
 transformers model is built from `to_hf_config` and loaded with ivl3lab's own weights, then checked to give the
 same logits before anything is timed. No tokenizer is needed: prompts are made of ids directly.
 """
@@ -42,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (prefill 5, decode 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls per row, >= 1 (prefill 2, decode 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-step", action="store_true", help="also time the torch.compile'd captured step")
+    ap.add_argument("--profile", default=None, help="write a PyTorch profile of ivl3lab's prefill here (text)")
     ap.add_argument("--out", default=None, help="also write the results here as JSON")
     a = ap.parse_args(argv)
     tiny = a.preset == "tiny"
@@ -137,6 +142,21 @@ def measure(fn, device: str, warmup: int, repeats: int) -> dict:
     return out
 
 
+def profile(fn, device: str, path: str, rows: int = 25) -> None:
+    """Kernel-level profile of one call, the most expensive operators first, written as a text table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    with open(path, "w") as f:
+        f.write(table)
+    print("\n".join(table.splitlines()[:rows // 2 + 3]), flush=True)
+
+
 def run_rows(ours, hf, a, dtype: torch.dtype) -> list[dict]:
     """The prefill row and one decode row per batch size, each for both implementations."""
     cfg, rows = ours.config, []
@@ -151,36 +171,62 @@ def run_rows(ours, hf, a, dtype: torch.dtype) -> list[dict]:
         m = measure(fn, a.device, 2 if a.warmup is None else a.warmup, a.repeats or 5)
         row[impl] = dict(m, value=m["seconds"] * 1e3)
     rows.append(row)
+    if a.profile:
+        profile(impls["ivl3lab"], a.device, a.profile)
 
     n = a.new_tokens
+    step = "CUDA graph" if a.device.startswith("cuda") else "fixed step"  # captured only on CUDA
+    variants = {"plain path": dict(cuda_graph=False), step: dict(cuda_graph=True)}
+    if a.compile_step:
+        variants[f"{step} + compile"] = dict(cuda_graph=True, compile_step=True)
     for b in a.batches:
         ids, mask, pixels = make_prompt(cfg, 1, 32, b, a.device, dtype, a.seed + 3 + b)
 
-        def ours_decode():
+        def ours_decode(**options):
             new = ivl3lab.generate(ours, ids, attention_mask=mask, pixel_values=pixels,
-                                   generation_config=dict(max_new_tokens=n, eos_token_id=None))
+                                   generation_config=dict(max_new_tokens=n, eos_token_id=None), **options)
             assert new.shape == (b, n), new.shape
+            return new
 
         def hf_decode():
             out = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=n,
                               min_new_tokens=n, do_sample=False, pad_token_id=0)
             assert out.shape == (b, ids.shape[1] + n), out.shape
 
-        row = dict(name=f"decode, batch {b}, {n} new tokens", unit="tok/s", higher_is_better=True)
+        row = dict(name=f"decode, batch {b}, {n} new tokens", unit="tok/s", higher_is_better=True, variants={})
+        warmup, repeats = (1 if a.warmup is None else a.warmup), a.repeats or 3
         for impl, fn in (("ivl3lab", ours_decode), ("transformers", hf_decode)):
-            m = measure(fn, a.device, 1 if a.warmup is None else a.warmup, a.repeats or 3)
+            m = measure(fn, a.device, warmup, repeats)
             row[impl] = dict(m, value=b * n / m["seconds"])
+        for name, options in variants.items():
+            try:
+                m = measure(lambda: ours_decode(**options), a.device, warmup, repeats)
+                row["variants"][name] = dict(m, value=b * n / m["seconds"])
+            except Exception as e:  # a variant that fails is reported, the other rows still run
+                row["variants"][name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                print(f"[{row['name']}] ivl3lab {name} failed: {row['variants'][name]['error']}", flush=True)
+        plain, fixed = ours_decode(cuda_graph=False), ours_decode(cuda_graph=True)
+        row["same_tokens_as_plain"] = (plain == fixed).float().mean().item()  # bf16 near-ties may differ
         rows.append(row)
     for row in rows:  # speed-up > 1 means ivl3lab is faster, for every row
         row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]
     return rows
 
 
+def variant_cell(row: dict) -> str:
+    parts = []
+    for name, m in row.get("variants", {}).items():
+        parts.append(f"{name}: failed" if "error" in m else f"{name} {m['value']:.2f} ({m['first_call_s']:.2f} s)")
+    if "same_tokens_as_plain" in row:
+        parts.append(f"tokens = plain path: {row['same_tokens_as_plain']:.0%}")
+    return "; ".join(parts) or "-"
+
+
 def render(res: dict) -> str:
     """Markdown table, one row per measurement."""
     cuda = res["device"].startswith("cuda")
     head = ["measurement", "unit", "ivl3lab", "transformers", "speed-up (t_transformers / t_ivl3lab; >1 = ivl3lab "
-            "faster)", "first call s (ivl3lab / transformers)"] + (["peak GB (+ above weights), ivl3lab / "
+            "faster)", "first call s (ivl3lab / transformers)", "other ivl3lab paths (value, first call s)"] + (["peak GB (+ above weights), ivl3lab / "
                                                                      "transformers"] if cuda else [])
     lines = [f"device: {res['device_name']} | torch {res['torch']} | transformers {res['transformers']} | "
              f"preset {res['preset']} | {res['dtype']} | attn sdpa | parity max |dlogit| {res['parity_max_diff']:.2e}",
@@ -188,7 +234,7 @@ def render(res: dict) -> str:
     for r in res["rows"]:
         o, t = r["ivl3lab"], r["transformers"]
         cells = [r["name"], r["unit"], f"{o['value']:.2f}", f"{t['value']:.2f}", f"{r['speedup']:.2f}x",
-                 f"{o['first_call_s']:.3f} / {t['first_call_s']:.3f}"]
+                 f"{o['first_call_s']:.3f} / {t['first_call_s']:.3f}", variant_cell(r)]
         if cuda:
             cells.append(f"{o['peak_gb']:.2f} (+{o['extra_gb']:.2f}) / {t['peak_gb']:.2f} (+{t['extra_gb']:.2f})")
         lines.append("| " + " | ".join(cells) + " |")

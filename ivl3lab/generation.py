@@ -1,16 +1,19 @@
 """Generation and the InternVL chat API (`chat`, `batch_chat`, `stream_chat`, `generate`), outside the module.
 
-The decode loop is plain: one prefill over the prompt (with the image), then one token at a time against the
-KV cache. Batches are left-padded; each sample stops at its own stop token and is padded afterwards. Streaming
-yields text pieces as soon as they decode to whole characters.
+The decode loop: one prefill over the prompt (with the image), then one token at a time against the KV cache,
+either through the plain forward or, on CUDA, a captured fixed-shape step (ivl3lab.decoding). Batches are
+left-padded; each sample stops at its own stop token and is padded afterwards. Streaming yields text pieces as
+soon as they decode to whole characters.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .decoding import fast_path_blocker, fixed_step_decoder
 from .model import InternVL3
 from .model.language import StaticKVCache
 
@@ -66,13 +69,19 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
                 pixel_values: Optional[torch.Tensor] = None, generation_config=None,
                 num_tiles_per_sample: Optional[Sequence[int]] = None,
                 generator: Optional[torch.Generator] = None, static_cache: bool = True,
-                stop_check_every: int = 1) -> Iterator[torch.Tensor]:
+                stop_check_every: int = 1, cuda_graph: Optional[bool] = None,
+                compile_step: Union[bool, str] = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every sample, [B], step by step; finished samples yield pad_token_id.
 
     static_cache: preallocate the KV cache for prompt + max_new_tokens (written in place) instead of growing
     it by concatenation; both give identical tokens (tested).
     stop_check_every: look on the host whether every sample has finished only every k steps (each look is a
     device sync); up to k - 1 extra steps of pad tokens may follow the last stop. Streaming uses 1.
+    cuda_graph: None (auto) replays a captured decode step on CUDA when nothing needs the Python forward (no
+    hooks, adapters or training mode; otherwise a one-line note says why not) and decodes plainly elsewhere;
+    True forces the fixed-shape step (captured on CUDA, eager elsewhere), False the plain path.
+    compile_step: also torch.compile the captured step (fused kernels, paid for by a compile on first use);
+    a string names the torch.compile backend.
     """
     cfg = GenerationConfig.coerce(generation_config)
     stops = _stop_ids(cfg, input_ids.device)
@@ -81,40 +90,69 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
     padded = attention_mask is not None and not bool(attention_mask.all())
     attention_mask = attention_mask if padded else None
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    cache = None
-    if static_cache:
-        text = model.config.text
-        cache = StaticKVCache(text.num_layers, batch, text.num_kv_heads, input_ids.shape[1] + cfg.max_new_tokens,
-                              text.dim_per_head, model.dtype, input_ids.device)
-    out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
-                past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
-    cache = out.past_key_values
+    if _use_fixed_step(model, input_ids, cuda_graph, static_cache):
+        decoder = fixed_step_decoder(model, batch, input_ids.shape[1] + cfg.max_new_tokens,
+                                     capture=input_ids.is_cuda, compile_step=compile_step)
+        logits = decoder.prefill(model, input_ids, attention_mask, pixel_values, num_tiles_per_sample)
+
+        def next_logits(token):
+            return decoder.step(model, token)
+    else:
+        cache = None
+        if static_cache:
+            text = model.config.text
+            cache = StaticKVCache(text.num_layers, batch, text.num_kv_heads, input_ids.shape[1] + cfg.max_new_tokens,
+                                  text.dim_per_head, model.dtype, input_ids.device)
+        out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
+                    past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+
+        def next_logits(token):
+            nonlocal attention_mask
+            if padded:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            return model(token[:, None], attention_mask=attention_mask, past_key_values=cache,
+                         use_cache=True).logits[:, -1]
     for step in range(cfg.max_new_tokens):
-        token = sample_next_token(out.logits[:, -1], cfg, generator)
+        token = sample_next_token(logits, cfg, generator)
         token = token.masked_fill(finished, cfg.pad_token_id or 0)
         yield token
         finished |= torch.isin(token, stops)
         if step == cfg.max_new_tokens - 1 or ((step + 1) % stop_check_every == 0 and bool(finished.all())):
             return
-        if padded:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        out = model(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        logits = next_logits(token)
+
+
+def _use_fixed_step(model: InternVL3, input_ids: torch.Tensor, cuda_graph: Optional[bool],
+                    static_cache: bool) -> bool:
+    if cuda_graph is False or (cuda_graph is None and not input_ids.is_cuda):
+        return False
+    blocker = fast_path_blocker(model) or (None if static_cache else "static_cache=False")
+    if blocker is None:
+        return True
+    if cuda_graph:
+        raise ValueError(f"cuda_graph=True, but {blocker}: a captured decode step would ignore it")
+    warnings.warn(f"generate: {blocker}, so decoding takes the plain path (no CUDA graph)", stacklevel=4)
+    return False
 
 
 def generate(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              pixel_values: Optional[torch.Tensor] = None, generation_config=None,
              num_tiles_per_sample: Optional[Sequence[int]] = None,
              generator: Optional[torch.Generator] = None, static_cache: bool = True,
-             stop_check_every: Optional[int] = None) -> torch.Tensor:
+             stop_check_every: Optional[int] = None, cuda_graph: Optional[bool] = None,
+             compile_step: Union[bool, str] = False) -> torch.Tensor:
     """New tokens only, [B, T_new]; the stop token is included, positions after it hold pad_token_id.
 
     Whether all samples have stopped is looked at on the host only every `stop_check_every` steps (each look
     is a device sync; default 8 on CUDA, 1 elsewhere). The extra steps are cut off again here, so the tokens
-    are the same as with a check every step; only a shared `generator` advances a few steps further."""
+    are the same as with a check every step; only a shared `generator` advances a few steps further.
+    cuda_graph / compile_step: the decode path, see `iter_tokens` (default: a captured CUDA graph on CUDA)."""
     if stop_check_every is None:
         stop_check_every = 8 if input_ids.is_cuda else 1
     steps = list(iter_tokens(model, input_ids, attention_mask, pixel_values, generation_config,
-                             num_tiles_per_sample, generator, static_cache, stop_check_every))
+                             num_tiles_per_sample, generator, static_cache, stop_check_every, cuda_graph,
+                             compile_step))
     if not steps:
         return input_ids.new_zeros(input_ids.shape[0], 0)
     tokens = torch.stack(steps, dim=1)  # [B, T]

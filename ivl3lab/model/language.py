@@ -2,7 +2,8 @@
 
 Pre-norm blocks (RMSNorm) with grouped-query attention (q/k/v with bias, o without), rotary position
 embedding and a SwiGLU MLP. RoPE accepts float position ids, so V2PE's fractional positions (spec §5) need no
-special path. The KV cache is a plain per-layer list of tensors that grows by concatenation.
+special path. The KV cache is a plain per-layer list of tensors that grows by concatenation, or a preallocated
+static one; `decode_step` is the fixed-shape single-token step that ivl3lab.decoding captures as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -43,7 +44,12 @@ class KVCache:
 
 class StaticKVCache:
     """Preallocated keys/values [B, Hkv, max_len, D] per layer, written in place: no reallocation and no copy
-    of the whole cache per decoding step (KVCache's concatenation costs O(length) every step)."""
+    of the whole cache per decoding step (KVCache's concatenation costs O(length) every step).
+
+    With `slot` set (a one-element long tensor on the device), `update` writes one token at that index and
+    returns the whole buffers: every shape is fixed and no index lives on the host, which is what capturing
+    a decode step as a CUDA graph needs; the caller masks the slots not written yet.
+    """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device):
@@ -52,12 +58,17 @@ class StaticKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self._length = 0  # tokens stored; advanced after the last layer wrote its step
+        self.slot: Optional[torch.Tensor] = None  # [1] long: fixed-shape mode (see the class docstring)
 
     @property
     def length(self) -> int:
         return self._length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slot is not None:
+            self.keys[layer].index_copy_(2, self.slot, k)  # k [B, Hkv, 1, D] into [B, Hkv, max_len, D]
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         start, end = self._length, self._length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"static KV cache full: {end} tokens > max_len {self.max_len}")
@@ -87,11 +98,16 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = self._inv_freq(self.cfg.rope_theta).to(self.inv_freq.device)
         return self
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, L] (int or float) -> cos, sin [B, L, D] in float32."""
+    def forward(self, position_ids: torch.Tensor, max_position: Optional[int] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] (int or float) -> cos, sin [B, L, D] in float32.
+
+        max_position: every position is below it (known on the host); within max_position_embeddings it spares
+        dynamic NTK's look at the largest position (a device sync, which a CUDA graph cannot hold)."""
         inv_freq = self.inv_freq
         cfg = self.cfg
-        if cfg.rope_scaling_type == "dynamic":
+        known_short = max_position is not None and max_position <= cfg.max_position_embeddings
+        if cfg.rope_scaling_type == "dynamic" and not known_short:
             # Dynamic NTK: the base grows only once positions pass max_position_embeddings (as in transformers).
             seq_len = float(position_ids.max()) + 1
             if seq_len > cfg.max_position_embeddings:
@@ -240,7 +256,19 @@ class Qwen2(nn.Module):
         if mask is None and past_len > 0 and q_len > 1:
             mask = causal_mask(q_len, past_len, device)  # SDPA's is_causal assumes Lq == Lk
         causal = mask is None and q_len > 1  # a single query may see every cached key
-        x = inputs_embeds
+        return self._blocks(inputs_embeds, cos, sin, mask, causal, cache)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: StaticKVCache,
+                    key_mask: torch.Tensor) -> torch.Tensor:
+        """One new token per sample against a slot-mode static cache, with no host sync and fixed shapes.
+
+        inputs_embeds [B, 1, H]; position_ids [B, 1]; key_mask bool [B, max_len], True for the cache slots
+        this token may attend to (its own slot included). -> final-normed hidden states [B, 1, H].
+        """
+        cos, sin = self.rotary(position_ids, max_position=cache.max_len)
+        return self._blocks(inputs_embeds, cos, sin, key_mask[:, None, None, :], False, cache)
+
+    def _blocks(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, causal, None, use_reentrant=False)

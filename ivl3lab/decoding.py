@@ -1,0 +1,143 @@
+"""The fast decode path: the whole decode step captured once as a CUDA graph, then replayed for every token.
+
+A plain decode step launches several hundred small kernels from Python; at batch 1 the GPU then waits on the
+launches, not on memory. A CUDA graph replays all of them with one launch. Capture needs fixed shapes and no
+host sync inside the step, so the step runs against a static KV cache in slot mode: the write index and the
+positions are device tensors, and attention covers the whole cache under a mask of the slots written so far
+(`Qwen2.decode_step`). Sampling stays outside the graph, on the device, shared with the plain path.
+
+`generate` takes this path on CUDA when nothing needs the Python-level forward (no hook, no peft adapter, eval
+mode) and says in one line why when it does not. Elsewhere the same fixed-shape step runs eagerly when asked
+for (`cuda_graph=True`): that is how the CPU tests check it gives the plain path's tokens.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .hooks import clean_name
+from .model import InternVL3
+from .model.language import StaticKVCache
+
+SLOT_ROUNDING = 128  # cache lengths are rounded up to this, so prompts of similar length share one graph
+_DECODERS: "weakref.WeakKeyDictionary[InternVL3, tuple]" = weakref.WeakKeyDictionary()
+
+
+def fast_path_blocker(model: InternVL3) -> Optional[str]:
+    """Why a captured step would not compute what the model computes now, or None.
+
+    A graph replays the kernels of the capture: a hook, an intervention or an adapter switched on or off later
+    would silently not take part, and dropout would be frozen.
+    """
+    if model.training:
+        return "the model is in training mode"
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "a global module hook is registered"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"a hook is attached to {clean_name(name) or 'the model'}"
+        if hasattr(module, "lora_A"):
+            return f"a peft adapter is attached ({clean_name(name)}); merge it for the fast path"
+    return None
+
+
+class FixedStepDecoder:
+    """A static KV cache, device-side step state and (on CUDA) the captured decode step, for one batch size
+    and cache length. `prefill` runs eagerly and fills the cache; `step(token)` returns the next logits."""
+
+    def __init__(self, model: InternVL3, batch: int, max_len: int, capture: bool,
+                 compile_step: Union[bool, str] = False):
+        text, device = model.config.text, model.device
+        self.batch, self.max_len, self.capture = batch, max_len, capture
+        self.cache = StaticKVCache(text.num_layers, batch, text.num_kv_heads, max_len, text.dim_per_head,
+                                   model.dtype, device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)  # RoPE position of `token`
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache index `token` is written to
+        self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slots one may attend to
+        if compile_step:
+            backend = compile_step if isinstance(compile_step, str) else "inductor"
+            self._run = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False)
+        else:
+            self._run = self._step
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[torch.Tensor] = None  # the graph's output buffer [B, V]
+
+    def fits(self, batch: int, needed_len: int) -> bool:
+        return batch == self.batch and needed_len <= self.max_len
+
+    def prefill(self, model: InternVL3, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                pixel_values: Optional[torch.Tensor], num_tiles_per_sample: Optional[Sequence[int]]) -> torch.Tensor:
+        """The prompt through the model (eager, any length) into the cache -> last logits [B, V]."""
+        cache, length = self.cache, input_ids.shape[1]
+        cache.slot, cache._length = None, 0  # ordinary static mode: write the prompt at 0..length-1
+        out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
+                    past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
+        self.key_mask.zero_()  # slots left over from an earlier prompt stay masked
+        if attention_mask is None:
+            self.key_mask[:, :length] = True
+            self.position.fill_(length)
+        else:  # left padding: positions count real tokens only, as the plain path's default positions do
+            self.key_mask[:, :length] = attention_mask.bool()
+            self.position.copy_(attention_mask.long().sum(-1, keepdim=True))
+        self.slot.fill_(length)
+        cache.slot = self.slot
+        return out.logits[:, -1]
+
+    def _step(self, model: InternVL3) -> torch.Tensor:
+        """token -> next logits [B, V]; advances slot and position in place (all on the device)."""
+        self.key_mask.index_fill_(1, self.slot, True)  # the new token sees itself
+        language = model.language
+        hidden = language.decode_step(language.embed_tokens(self.token), self.position, self.cache,
+                                      self.key_mask)  # [B, 1, H]
+        logits = model.lm_head(hidden[:, -1])
+        self.slot.add_(1)
+        self.position.add_(1)
+        return logits
+
+    def step(self, model: InternVL3, token: torch.Tensor) -> torch.Tensor:
+        """token [B] -> logits [B, V]. On CUDA the returned tensor is overwritten by the next step."""
+        self.token.copy_(token[:, None])
+        if not self.capture:
+            return self._run(model)
+        if self.graph is None:
+            self._capture_graph(model)
+        self.graph.replay()
+        return self.logits
+
+    def _capture_graph(self, model: InternVL3) -> None:
+        state = (self.slot, self.position, self.key_mask)
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles, autotuning, compilation
+            for _ in range(2):
+                self._run(model)
+                for t, s in zip(state, saved):  # each warm-up step is undone (its cache write is overwritten)
+                    t.copy_(s)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels; nothing runs, so no state moves
+            self.logits = self._run(model)
+
+
+def fixed_step_decoder(model: InternVL3, batch: int, needed_len: int, capture: bool,
+                       compile_step: Union[bool, str] = False) -> FixedStepDecoder:
+    """The model's cached decoder when it fits (same weights, shapes and options), else a new one.
+
+    One decoder is kept per model (a graph holds its own memory pool); a copy of the model, a move or a
+    dtype change (new weight tensors) gets a new one.
+    """
+    key = (capture, compile_step, model.dtype, str(model.device), model.config.attn_implementation,
+           torch.is_inference_mode_enabled(),  # inference tensors cannot be updated in place outside it
+           tuple(p.data_ptr() for p in model.parameters()))
+    cached = _DECODERS.get(model)
+    if cached is not None and cached[0] == key and cached[1].fits(batch, needed_len):
+        return cached[1]
+    _DECODERS.pop(model, None)  # free the old graph's memory before capturing a new one
+    max_len = -(-needed_len // SLOT_ROUNDING) * SLOT_ROUNDING
+    decoder = FixedStepDecoder(model, batch, max_len, capture, compile_step)
+    _DECODERS[model] = (key, decoder)
+    return decoder

@@ -1,0 +1,134 @@
+"""The fixed-shape decode step (captured as a CUDA graph on CUDA) gives the plain path's tokens; it is chosen
+only when nothing needs the Python-level forward. On CPU the step runs eagerly: the same code, uncaptured."""
+import dataclasses
+
+import pytest
+import torch
+from helpers import left_pad
+
+import ivl3lab
+from ivl3lab import decoding
+from ivl3lab.config import get_preset
+from ivl3lab.model import InternVL3
+from ivl3lab.model.language import RotaryEmbedding
+
+IMG = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    """tiny preset with dynamic-NTK RoPE (as the real presets) and weights that give varied greedy tokens."""
+    torch.manual_seed(0)
+    text = dataclasses.replace(get_preset("tiny").text, rope_scaling_type="dynamic", rope_scaling_factor=2.0)
+    m = InternVL3.from_preset("tiny", image_token_id=IMG, text=text).eval()
+    with torch.no_grad():  # the 0.02 init gives one token forever; larger weights make every step count
+        for p in m.parameters():
+            p.mul_(8)
+    return m
+
+
+def batch(model, tiles=(1, 2), after=(5, 9), seed=0):
+    """Left-padded prompts with images: ids, attention mask, pixel values, tiles per sample."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.config.num_image_token
+    rows = [torch.cat([torch.randint(20, 1000, (3,), generator=gen), torch.full((t * n,), IMG),
+                       torch.randint(20, 1000, (a,), generator=gen)]) for t, a in zip(tiles, after)]
+    ids, mask = left_pad(rows)
+    size = model.config.vision.image_size
+    return ids, mask, torch.randn(sum(tiles), 3, size, size, generator=gen), list(tiles)
+
+
+def run(model, ids, mask, pv, tiles, cfg, **options):
+    return ivl3lab.generate(model, ids, attention_mask=mask, pixel_values=pv, num_tiles_per_sample=tiles,
+                            generation_config=cfg, generator=torch.Generator().manual_seed(7), **options)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("sample", [False, True])
+def test_fixed_step_gives_the_plain_tokens(model, padded, sample):
+    ids, mask, pv, tiles = batch(model, (1, 2) if padded else (1, 1), (5, 9) if padded else (5, 5))
+    assert bool(mask.all()) != padded
+    cfg = dict(max_new_tokens=24, do_sample=sample, temperature=1.3)
+    plain = run(model, ids, mask, pv, tiles, cfg, cuda_graph=False)
+    fixed = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True)
+    assert plain.shape == (2, 24) and len(set(plain.flatten().tolist())) > 5  # varied: a wrong step shows
+    assert torch.equal(plain, fixed)
+
+
+@torch.no_grad()
+def test_fixed_step_stops_per_sample_like_the_plain_path(model):
+    ids, mask, pv, tiles = batch(model)
+    free = run(model, ids, mask, pv, tiles, dict(max_new_tokens=20), cuda_graph=False)
+    cfg = dict(max_new_tokens=20, eos_token_id=[int(free[0, 3]), int(free[1, 6])], pad_token_id=1)
+    plain = run(model, ids, mask, pv, tiles, cfg, cuda_graph=False)
+    fixed = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True)
+    assert plain.shape[1] < 20 and torch.equal(plain, fixed)
+
+
+@torch.no_grad()
+def test_a_cached_decoder_is_reused_and_forgets_the_last_prompt(model):
+    cfg = dict(max_new_tokens=10)
+    long = batch(model, (2, 2), (9, 9), seed=1)
+    run(model, *long, cfg, cuda_graph=True)
+    decoder = decoding._DECODERS[model][1]
+    short = batch(model, (1, 1), (4, 2), seed=2)  # fits the same cache: its stale slots must stay masked
+    fixed = run(model, *short, cfg, cuda_graph=True)
+    assert decoding._DECODERS[model][1] is decoder
+    assert torch.equal(fixed, run(model, *short, cfg, cuda_graph=False))
+    one = batch(model, (1,), (4,), seed=2)  # another batch size: another decoder
+    run(model, *one, cfg, cuda_graph=True)
+    assert decoding._DECODERS[model][1] is not decoder and decoding._DECODERS[model][1].batch == 1
+
+
+@torch.no_grad()
+def test_compiled_fixed_step_gives_the_plain_tokens(model):
+    """torch.compile traces the whole step as one graph (fullgraph); aot_eager checks that capture quickly."""
+    ids, mask, pv, tiles = batch(model)
+    cfg = dict(max_new_tokens=8)
+    compiled = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True, compile_step="aot_eager")
+    assert torch.equal(compiled, run(model, ids, mask, pv, tiles, cfg, cuda_graph=False))
+
+
+@torch.no_grad()
+def test_the_fast_path_is_refused_when_the_forward_must_run_in_python(model):
+    ids, mask, pv, tiles = batch(model)
+    assert decoding.fast_path_blocker(model) is None
+    handle = model.language.layers[0].mlp.hook_post.add_hook(lambda x, hook: x)
+    try:
+        assert "language.layers.0.mlp.hook_post" in decoding.fast_path_blocker(model)
+        with pytest.raises(ValueError, match="hook_post"):
+            run(model, ids, mask, pv, tiles, dict(max_new_tokens=2), cuda_graph=True)
+    finally:
+        handle.remove()
+    model.train()
+    try:
+        assert "training" in decoding.fast_path_blocker(model)
+    finally:
+        model.eval()
+
+
+def test_peft_adapters_block_the_fast_path():
+    from ivl3lab.train.lora import apply_lora
+
+    torch.manual_seed(0)
+    peft_model = apply_lora(InternVL3.from_preset("tiny", image_token_id=IMG).eval(), "language")
+    assert "peft adapter" in decoding.fast_path_blocker(peft_model.base_model.model)
+
+
+@torch.no_grad()
+def test_auto_decodes_plainly_off_cuda(model):
+    decoding._DECODERS.pop(model, None)
+    ids, mask, pv, tiles = batch(model)
+    run(model, ids, mask, pv, tiles, dict(max_new_tokens=3))
+    assert model not in decoding._DECODERS
+
+
+def test_rotary_with_a_known_bound_needs_no_look_at_the_positions(model):
+    rotary = RotaryEmbedding(model.config.text)
+    short = torch.arange(40.0)[None]
+    assert all(torch.equal(a, b) for a, b in zip(rotary(short), rotary(short, max_position=64)))
+    far = torch.tensor([[float(model.config.text.max_position_embeddings + 100)]])
+    # beyond max_position_embeddings dynamic NTK changes the base: a bound that says so keeps the look
+    assert all(torch.equal(a, b) for a, b in zip(rotary(far), rotary(far, max_position=10**6)))
+    assert not torch.equal(rotary(far)[0], rotary(far, max_position=64)[0])  # a (wrong) short bound skips it
