@@ -37,11 +37,13 @@ def parse(argv=None):
     ap.add_argument("--no-train", action="store_true", help="skip the training-step row")
     ap.add_argument("--train-batch", type=int, default=None, help="sequences per training step (8; tiny: 2)")
     ap.add_argument("--train-text", type=int, default=None, help="text tokens per sequence (512; tiny: 32)")
+    ap.add_argument("--profile-train", default=None,
+                    help="write PyTorch profiles of one training step to PATH.ivl3lab.txt / PATH.transformers.txt")
     ours, rest = ap.parse_known_args(argv)
     return ours, rest
 
 
-def train_row(a, train_batch: int, train_text: int) -> dict:
+def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
     """One mixed-precision AdamW step on 1-tile + text sequences, both implementations, same weights."""
     ours, hf = bench.build_models(a.preset, a.device, torch.float32, a.seed)
     ours.train(), hf.train()
@@ -111,6 +113,9 @@ def train_row(a, train_batch: int, train_text: int) -> dict:
             continue
         row[impl] = dict(m, value=tokens / m["seconds"], tflops=flops / m["seconds"] / 1e12,
                          mfu_vs_790=flops / m["seconds"] / ANCHOR_PEAK)
+        if profile_path and impl != "ivl3lab packed":
+            print(f"-- profile of one {impl} training step", flush=True)
+            bench.profile(fn, a.device, f"{profile_path}.{impl}.txt")
     row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]
     del ours, hf, opt_ours, opt_hf
     return row
@@ -122,7 +127,8 @@ def main(argv=None) -> dict:
     a = bench.parse_args(rest)
     if not mine.no_train:
         tiny = a.preset == "tiny"
-        row = train_row(a, mine.train_batch or (2 if tiny else 8), mine.train_text or (32 if tiny else 512))
+        row = train_row(a, mine.train_batch or (2 if tiny else 8), mine.train_text or (32 if tiny else 512),
+                        mine.profile_train)
         res["rows"].append(row)
         o, t = row["ivl3lab"], row["transformers"]
         peak = next((v for k, v in PEAK_BF16.items() if k in res["device_name"]), None)

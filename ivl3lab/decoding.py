@@ -1,10 +1,13 @@
 """The fast decode path: the whole decode step captured once as a CUDA graph, then replayed for every token.
 
-A plain decode step launches several hundred small kernels from Python; at batch 1 the GPU then waits on the
+A plain decode step launches over a thousand small kernels from Python; at batch 1 the GPU then waits on the
 launches, not on memory. A CUDA graph replays all of them with one launch. Capture needs fixed shapes and no
-host sync inside the step, so the step runs against a static KV cache in slot mode: the write index and the
-positions are device tensors, and attention covers the whole cache under a mask of the slots written so far
-(`Qwen2.decode_step`). Sampling stays outside the graph, on the device, shared with the plain path.
+host sync inside the step, so each layer runs `decode_block` against a static KV cache: the write slot and the
+positions are device tensors, and attention covers the whole cache under a mask of the slots written so far.
+q/k/v come from one fused projection (a copy of the weights, refreshed at every prefill so training in
+between is seen). With `compile_step`, torch.compile fuses the small kernels; since `decode_block` takes the
+weights as arguments, one compilation serves every layer (seconds, not the minutes of a whole-model compile).
+Sampling stays outside the graph, on the device, shared with the plain path.
 
 `generate` takes this path on CUDA when nothing needs the Python-level forward (no hook, no peft adapter, eval
 mode) and says in one line why when it does not. Elsewhere the same fixed-shape step runs eagerly when asked
@@ -19,7 +22,7 @@ import torch
 
 from .hooks import clean_name
 from .model import InternVL3
-from .model.language import StaticKVCache
+from .model.language import StaticKVCache, decode_block
 
 SLOT_ROUNDING = 128  # cache lengths are rounded up to this, so prompts of similar length share one graph
 _DECODERS: "weakref.WeakKeyDictionary[InternVL3, tuple]" = weakref.WeakKeyDictionary()
@@ -57,13 +60,16 @@ class FixedStepDecoder:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)  # RoPE position of `token`
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache index `token` is written to
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slots one may attend to
-        if compile_step:
-            backend = compile_step if isinstance(compile_step, str) else "inductor"
-            self._run = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False)
-        else:
-            self._run = self._step
+        attns = [layer.self_attn for layer in model.language.layers]
+        self.qkv_weight = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in attns]
+        self.qkv_bias = [torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) for a in attns]
+        self.block = decode_block
+        if compile_step:  # one compilation for all layers: same shapes, weights passed as arguments
+            backend = "inductor" if compile_step is True else compile_step
+            self.block = torch.compile(decode_block, backend=backend, fullgraph=True, dynamic=False)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None  # the graph's output buffer [B, V]
+        self.in_use = False  # set while a generation runs on it: two interleaved ones must not share the state
 
     def fits(self, batch: int, needed_len: int) -> bool:
         return batch == self.batch and needed_len <= self.max_len
@@ -72,7 +78,11 @@ class FixedStepDecoder:
                 pixel_values: Optional[torch.Tensor], num_tiles_per_sample: Optional[Sequence[int]]) -> torch.Tensor:
         """The prompt through the model (eager, any length) into the cache -> last logits [B, V]."""
         cache, length = self.cache, input_ids.shape[1]
-        cache.slot, cache._length = None, 0  # ordinary static mode: write the prompt at 0..length-1
+        cache._length = 0  # the prompt is written at 0..length-1
+        for i, layer in enumerate(model.language.layers):  # the fused copies follow any training since
+            a = layer.self_attn
+            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=self.qkv_weight[i])
+            torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=self.qkv_bias[i])
         out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
                     past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
         self.key_mask.zero_()  # slots left over from an earlier prompt stay masked
@@ -83,16 +93,23 @@ class FixedStepDecoder:
             self.key_mask[:, :length] = attention_mask.bool()
             self.position.copy_(attention_mask.long().sum(-1, keepdim=True))
         self.slot.fill_(length)
-        cache.slot = self.slot
         return out.logits[:, -1]
 
     def _step(self, model: InternVL3) -> torch.Tensor:
         """token -> next logits [B, V]; advances slot and position in place (all on the device)."""
         self.key_mask.index_fill_(1, self.slot, True)  # the new token sees itself
-        language = model.language
-        hidden = language.decode_step(language.embed_tokens(self.token), self.position, self.cache,
-                                      self.key_mask)  # [B, 1, H]
-        logits = model.lm_head(hidden[:, -1])
+        language, text = model.language, model.config.text
+        x = language.embed_tokens(self.token)  # [B, 1, H]
+        cos, sin = language.rotary(self.position, max_position=self.max_len)
+        key_mask = self.key_mask[:, None, None, :]  # [B, 1, 1, max_len]
+        for i, layer in enumerate(language.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = self.block(x, cos, sin, key_mask, self.cache.keys[i], self.cache.values[i], self.slot,
+                           layer.input_layernorm.weight, self.qkv_weight[i], self.qkv_bias[i], attn.o_proj.weight,
+                           layer.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight,
+                           mlp.down_proj.weight, num_heads=text.num_heads, num_kv_heads=text.num_kv_heads,
+                           eps=text.rms_norm_eps)
+        logits = model.lm_head(language.norm(x)[:, -1])  # [B, V]
         self.slot.add_(1)
         self.position.add_(1)
         return logits
@@ -101,7 +118,7 @@ class FixedStepDecoder:
         """token [B] -> logits [B, V]. On CUDA the returned tensor is overwritten by the next step."""
         self.token.copy_(token[:, None])
         if not self.capture:
-            return self._run(model)
+            return self._step(model)
         if self.graph is None:
             self._capture_graph(model)
         self.graph.replay()
@@ -114,13 +131,13 @@ class FixedStepDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles, autotuning, compilation
             for _ in range(2):
-                self._run(model)
+                self._step(model)
                 for t, s in zip(state, saved):  # each warm-up step is undone (its cache write is overwritten)
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the kernels; nothing runs, so no state moves
-            self.logits = self._run(model)
+            self.logits = self._step(model)
 
 
 def fixed_step_decoder(model: InternVL3, batch: int, needed_len: int, capture: bool,
@@ -128,16 +145,19 @@ def fixed_step_decoder(model: InternVL3, batch: int, needed_len: int, capture: b
     """The model's cached decoder when it fits (same weights, shapes and options), else a new one.
 
     One decoder is kept per model (a graph holds its own memory pool); a copy of the model, a move or a
-    dtype change (new weight tensors) gets a new one.
+    dtype change (new weight tensors) gets a new one, and so does a generation started while another is still
+    running on the cached one (two interleaved streams), without replacing it.
     """
     key = (capture, compile_step, model.dtype, str(model.device), model.config.attn_implementation,
            torch.is_inference_mode_enabled(),  # inference tensors cannot be updated in place outside it
            tuple(p.data_ptr() for p in model.parameters()))
     cached = _DECODERS.get(model)
+    max_len = -(-needed_len // SLOT_ROUNDING) * SLOT_ROUNDING
+    if cached is not None and cached[1].in_use:
+        return FixedStepDecoder(model, batch, max_len, capture, compile_step)
     if cached is not None and cached[0] == key and cached[1].fits(batch, needed_len):
         return cached[1]
     _DECODERS.pop(model, None)  # free the old graph's memory before capturing a new one
-    max_len = -(-needed_len // SLOT_ROUNDING) * SLOT_ROUNDING
     decoder = FixedStepDecoder(model, batch, max_len, capture, compile_step)
     _DECODERS[model] = (key, decoder)
     return decoder

@@ -93,26 +93,35 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
     if _use_fixed_step(model, input_ids, cuda_graph, static_cache):
         decoder = fixed_step_decoder(model, batch, input_ids.shape[1] + cfg.max_new_tokens,
                                      capture=input_ids.is_cuda, compile_step=compile_step)
-        logits = decoder.prefill(model, input_ids, attention_mask, pixel_values, num_tiles_per_sample)
+        decoder.in_use = True
+        try:
+            logits = decoder.prefill(model, input_ids, attention_mask, pixel_values, num_tiles_per_sample)
+            yield from _decode_loop(logits, lambda token: decoder.step(model, token), cfg, finished, stops,
+                                    generator, stop_check_every)
+        finally:
+            decoder.in_use = False
+        return
+    cache = None
+    if static_cache:
+        text = model.config.text
+        cache = StaticKVCache(text.num_layers, batch, text.num_kv_heads, input_ids.shape[1] + cfg.max_new_tokens,
+                              text.dim_per_head, model.dtype, input_ids.device)
+    out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
+                past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
+    cache = out.past_key_values
 
-        def next_logits(token):
-            return decoder.step(model, token)
-    else:
-        cache = None
-        if static_cache:
-            text = model.config.text
-            cache = StaticKVCache(text.num_layers, batch, text.num_kv_heads, input_ids.shape[1] + cfg.max_new_tokens,
-                                  text.dim_per_head, model.dtype, input_ids.device)
-        out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
-                    past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+    def next_logits(token):
+        nonlocal attention_mask
+        if padded:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        return model(token[:, None], attention_mask=attention_mask, past_key_values=cache,
+                     use_cache=True).logits[:, -1]
+    yield from _decode_loop(out.logits[:, -1], next_logits, cfg, finished, stops, generator, stop_check_every)
 
-        def next_logits(token):
-            nonlocal attention_mask
-            if padded:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            return model(token[:, None], attention_mask=attention_mask, past_key_values=cache,
-                         use_cache=True).logits[:, -1]
+
+def _decode_loop(logits, next_logits, cfg: GenerationConfig, finished, stops, generator,
+                 stop_check_every: int) -> Iterator[torch.Tensor]:
+    """Sample, yield, stop per sample; `next_logits(token)` runs one decode step (plain or fixed-shape)."""
     for step in range(cfg.max_new_tokens):
         token = sample_next_token(logits, cfg, generator)
         token = token.masked_fill(finished, cfg.pad_token_id or 0)

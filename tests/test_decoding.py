@@ -82,12 +82,40 @@ def test_a_cached_decoder_is_reused_and_forgets_the_last_prompt(model):
 
 
 @torch.no_grad()
-def test_compiled_fixed_step_gives_the_plain_tokens(model):
-    """torch.compile traces the whole step as one graph (fullgraph); aot_eager checks that capture quickly."""
+def test_one_compilation_serves_every_layer_and_gives_the_plain_tokens(model):
+    """The block is compiled whole (fullgraph) and, since the weights are arguments, once for all layers.
+    A counting backend (aot_eager underneath) sees every compilation without inductor's minutes on CPU."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    compiled_graphs = []
+
+    def counting(graph, example_inputs):
+        compiled_graphs.append(graph)
+        return aot_autograd(fw_compiler=lambda gm, _: gm)(graph, example_inputs)
+
+    torch._dynamo.reset()
     ids, mask, pv, tiles = batch(model)
     cfg = dict(max_new_tokens=8)
-    compiled = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True, compile_step="aot_eager")
+    compiled = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True, compile_step=counting)
+    assert model.config.text.num_layers > 1 and len(compiled_graphs) == 1
     assert torch.equal(compiled, run(model, ids, mask, pv, tiles, cfg, cuda_graph=False))
+
+
+@torch.no_grad()
+def test_the_fused_projection_follows_weight_updates(model):
+    """q/k/v are fused into a copy: an in-place update (an optimizer step) between calls must reach it."""
+    ids, mask, pv, tiles = batch(model)
+    cfg = dict(max_new_tokens=12)
+    before = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True)
+    weight = model.language.layers[0].self_attn.k_proj.weight
+    saved = weight.clone()
+    try:
+        weight.add_(torch.randn_like(weight))
+        after = run(model, ids, mask, pv, tiles, cfg, cuda_graph=True)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, run(model, ids, mask, pv, tiles, cfg, cuda_graph=False))
+    finally:
+        weight.copy_(saved)
 
 
 @torch.no_grad()
@@ -132,3 +160,17 @@ def test_rotary_with_a_known_bound_needs_no_look_at_the_positions(model):
     # beyond max_position_embeddings dynamic NTK changes the base: a bound that says so keeps the look
     assert all(torch.equal(a, b) for a, b in zip(rotary(far), rotary(far, max_position=10**6)))
     assert not torch.equal(rotary(far)[0], rotary(far, max_position=64)[0])  # a (wrong) short bound skips it
+
+
+@torch.no_grad()
+def test_two_interleaved_generations_do_not_share_a_decoder(model):
+    """Two streams advanced in turn (zip of two stream_chat calls, say) each need their own cache and state."""
+    first, second = batch(model, seed=4), batch(model, seed=5)
+    cfg = dict(max_new_tokens=10)
+    streams = [ivl3lab.iter_tokens(model, ids, mask, pv, cfg, tiles, cuda_graph=True)
+               for ids, mask, pv, tiles in (first, second)]
+    steps = list(zip(*streams))  # one step of the first, one of the second, ...
+    for k, prompt in enumerate((first, second)):
+        interleaved = torch.stack([s[k] for s in steps], dim=1)
+        assert torch.equal(interleaved, run(model, *prompt, cfg, cuda_graph=False))
+    assert not decoding._DECODERS[model][1].in_use  # released when the streams ended

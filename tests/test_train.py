@@ -250,6 +250,27 @@ def test_chunked_loss_equals_plain_loss_and_gradients(tiny):
     assert (results[0][1] - results[1][1]).abs().max() <= 1e-5
 
 
+def test_chunked_loss_skips_unsupervised_positions_and_survives_none(monkeypatch):
+    """Only supervised positions go through the projection (counted); with none, the loss is a zero that still
+    reaches every parameter (DDP needs a gradient for each)."""
+    from ivl3lab.train import losses
+
+    projected = []
+    chunk_ce = losses._chunk_ce
+    monkeypatch.setattr(losses, "_chunk_ce", lambda h, *rest: projected.append(h.shape[0]) or chunk_ce(h, *rest))
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, 1:4] = -100
+    total, n = losses.chunked_loss_sums(hidden, head, labels, token_weights(labels), chunk=4)
+    assert n == 2 * 5 - 3 and projected == [4, 3]  # 10 predicting positions, 3 of them without a label
+    assert total.item() == pytest.approx(loss_sums(head(hidden), labels, token_weights(labels))[0].item(), rel=1e-6)
+    none = torch.full_like(labels, -100)
+    total, n = losses.chunked_loss_sums(hidden, head, none, token_weights(none))
+    (total / n.clamp(min=1)).backward()
+    assert total.item() == 0 and head.weight.grad is not None and hidden.grad is not None
+
+
 def test_vision_warmup_trains_only_the_vision_tower():
     from ivl3lab.train.vision_warmup import warm_up_vision
 

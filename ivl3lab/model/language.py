@@ -3,7 +3,8 @@
 Pre-norm blocks (RMSNorm) with grouped-query attention (q/k/v with bias, o without), rotary position
 embedding and a SwiGLU MLP. RoPE accepts float position ids, so V2PE's fractional positions (spec §5) need no
 special path. The KV cache is a plain per-layer list of tensors that grows by concatenation, or a preallocated
-static one; `decode_step` is the fixed-shape single-token step that ivl3lab.decoding captures as a CUDA graph.
+static one. `decode_block` is a block's single-token step in functional form, with fixed shapes and no host
+sync, which ivl3lab.decoding captures as a CUDA graph (and optionally compiles once for all layers).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
 from ..hooks import HookPoint
-from .ops import RMSNorm, attention
+from .ops import RMSNorm, attention, rms_norm
 
 
 @dataclass
@@ -45,10 +46,6 @@ class KVCache:
 class StaticKVCache:
     """Preallocated keys/values [B, Hkv, max_len, D] per layer, written in place: no reallocation and no copy
     of the whole cache per decoding step (KVCache's concatenation costs O(length) every step).
-
-    With `slot` set (a one-element long tensor on the device), `update` writes one token at that index and
-    returns the whole buffers: every shape is fixed and no index lives on the host, which is what capturing
-    a decode step as a CUDA graph needs; the caller masks the slots not written yet.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -58,17 +55,12 @@ class StaticKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self._length = 0  # tokens stored; advanced after the last layer wrote its step
-        self.slot: Optional[torch.Tensor] = None  # [1] long: fixed-shape mode (see the class docstring)
 
     @property
     def length(self) -> int:
         return self._length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slot is not None:
-            self.keys[layer].index_copy_(2, self.slot, k)  # k [B, Hkv, 1, D] into [B, Hkv, max_len, D]
-            self.values[layer].index_copy_(2, self.slot, v)
-            return self.keys[layer], self.values[layer]
         start, end = self._length, self._length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"static KV cache full: {end} tokens > max_len {self.max_len}")
@@ -256,22 +248,40 @@ class Qwen2(nn.Module):
         if mask is None and past_len > 0 and q_len > 1:
             mask = causal_mask(q_len, past_len, device)  # SDPA's is_causal assumes Lq == Lk
         causal = mask is None and q_len > 1  # a single query may see every cached key
-        return self._blocks(inputs_embeds, cos, sin, mask, causal, cache)
-
-    def decode_step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache: StaticKVCache,
-                    key_mask: torch.Tensor) -> torch.Tensor:
-        """One new token per sample against a slot-mode static cache, with no host sync and fixed shapes.
-
-        inputs_embeds [B, 1, H]; position_ids [B, 1]; key_mask bool [B, max_len], True for the cache slots
-        this token may attend to (its own slot included). -> final-normed hidden states [B, 1, H].
-        """
-        cos, sin = self.rotary(position_ids, max_position=cache.max_len)
-        return self._blocks(inputs_embeds, cos, sin, key_mask[:, None, None, :], False, cache)
-
-    def _blocks(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
+        x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, causal, None, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, causal, cache)
         return self.hook_norm_out(self.norm(x))
+
+
+def decode_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor,
+                 keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,
+                 norm1: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, o_weight: torch.Tensor,
+                 norm2: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, down_weight: torch.Tensor,
+                 *, num_heads: int, num_kv_heads: int, eps: float) -> torch.Tensor:
+    """DecoderBlock.forward for one new token per sample, as a pure function of tensors (tests check they agree).
+
+    Why a second form: it has fixed shapes and no host sync (the cache slot is a device tensor, attention
+    covers the whole cache under `key_mask`), so a decode step made of it can be captured as a CUDA graph;
+    and since the weights are arguments, one torch.compile of it serves every layer. q/k/v come from one fused
+    projection. No hook points: the fast path is only taken when nothing is hooked.
+
+    x [B, 1, H]; cos/sin [B, 1, D]; key_mask bool [B, 1, 1, max_len]; keys/values [B, Hkv, max_len, D],
+    written in place at `slot` [1]. -> x [B, 1, H].
+    """
+    head_dim = cos.shape[-1]
+    qkv = F.linear(rms_norm(x, norm1, eps), qkv_weight, qkv_bias)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = rearrange(q, "b l (h d) -> b h l d", h=num_heads)
+    k = rearrange(k, "b l (h d) -> b h l d", h=num_kv_heads)
+    v = rearrange(v, "b l (h d) -> b h l d", h=num_kv_heads)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys.index_copy_(2, slot, k)  # [B, Hkv, 1, D] into [B, Hkv, max_len, D]
+    values.index_copy_(2, slot, v)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask, enable_gqa=num_heads != num_kv_heads)
+    x = x + F.linear(rearrange(out, "b h l d -> b l (h d)"), o_weight)
+    h = rms_norm(x, norm2, eps)
+    return x + F.linear(F.silu(F.linear(h, gate_weight)) * F.linear(h, up_weight), down_weight)

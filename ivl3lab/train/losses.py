@@ -48,13 +48,18 @@ def chunked_loss_sums(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: to
                       weights: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Same sums as `loss_sums(lm_head(hidden), ...)` without materialising the [B, L, V] logits: the
     151,674-wide projection and its cross-entropy run `chunk` positions at a time, each chunk recomputed in
-    the backward pass (activation checkpointing), so peak memory holds one chunk of logits."""
+    the backward pass (activation checkpointing), so peak memory holds one chunk of logits. Only positions
+    with a loss weight go through the projection at all: image tokens and prompts (a third to most of an
+    SFT batch) cost nothing there."""
     from torch.utils.checkpoint import checkpoint
 
-    h = hidden[:, :-1].flatten(0, 1)  # [N, H], positions that predict a next token
-    targets = labels[:, 1:].clamp(min=0).flatten()
     w = weights.flatten()
-    total = hidden.new_zeros((), dtype=torch.float32)
+    keep = w.nonzero().squeeze(1)  # one host sync per batch, for the shape
+    h = hidden[:, :-1].flatten(0, 1)[keep]  # [N, H], supervised positions that predict a next token
+    targets = labels[:, 1:].flatten()[keep].clamp(min=0)
+    w = w[keep]
+    # zero that keeps every parameter in the graph (DDP expects a gradient for each, even with nothing supervised)
+    total = (hidden.sum() + lm_head.weight.sum()).float() * 0.0
     for start in range(0, h.shape[0], chunk):
         piece = slice(start, start + chunk)
         total = total + checkpoint(_chunk_ce, h[piece], lm_head.weight, targets[piece], w[piece],
