@@ -96,7 +96,20 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
     flops = 6 * p_llm * tokens + 6 * p_vit * train_batch * (1 + cfg.vision.grid_size ** 2)
     row = dict(name=f"training step, {train_batch} x (1 tile + {train_text} text)", unit="tok/s",
                higher_is_better=True)
-    for impl, fn in (("ivl3lab", ours_step), ("ivl3lab packed", ours_packed_step), ("transformers", hf_step)):
+
+    def with_settings(fn, backend="sdpa", checkpointing=False):
+        def step():
+            ours.set_attn_implementation(backend).set_gradient_checkpointing(checkpointing)
+            try:
+                fn()
+            finally:
+                ours.set_attn_implementation("sdpa").set_gradient_checkpointing(False)
+        return step
+
+    variants = {"ivl3lab packed": with_settings(ours_packed_step),  # block-diagonal mask, SDPA
+                "ivl3lab packed flex": with_settings(ours_packed_step, backend="flex"),  # block-sparse FlexAttention
+                "ivl3lab selective checkpointing": with_settings(ours_step, checkpointing="selective")}
+    for impl, fn in (("ivl3lab", ours_step), *variants.items(), ("transformers", hf_step)):
         if cuda and impl == "transformers":  # swap: ivl3lab's model and optimizer state off the device
             opt_ours.state.clear()
             ours.to("cpu")
@@ -107,13 +120,13 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
         try:
             m = bench.measure(fn, a.device, 2, 5)
         except Exception as e:  # reported; the other measurements still run
-            if impl != "ivl3lab packed":
+            if impl not in variants:
                 raise
-            print(f"ivl3lab packed training step failed: {type(e).__name__}: {e}"[:400], flush=True)
+            print(f"{impl} training step failed: {type(e).__name__}: {e}"[:400], flush=True)
             continue
         row[impl] = dict(m, value=tokens / m["seconds"], tflops=flops / m["seconds"] / 1e12,
                          mfu_vs_790=flops / m["seconds"] / ANCHOR_PEAK)
-        if profile_path and impl != "ivl3lab packed":
+        if profile_path and impl not in variants:
             print(f"-- profile of one {impl} training step", flush=True)
             bench.profile(fn, a.device, f"{profile_path}.{impl}.txt")
     row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]
@@ -136,11 +149,13 @@ def main(argv=None) -> dict:
         print(f"\n| {row['name']} | tok/s | {o['value']:.0f} | {t['value']:.0f} | {row['speedup']:.2f}x | "
               f"MFU ivl3lab {mfu(o)}; transformers {mfu(t)} | peak GB "
               f"{o.get('peak_gb') or 0:.1f} / {t.get('peak_gb') or 0:.1f} |", flush=True)
-        if "ivl3lab packed" in row:
-            k = row["ivl3lab packed"]
-            print(f"| same, ivl3lab with the samples packed in one row | tok/s | {k['value']:.0f} | | "
-                  f"{t['seconds'] / k['seconds']:.2f}x | MFU {mfu(k)} | peak GB {k.get('peak_gb') or 0:.1f} |",
-                  flush=True)
+        for name, label in (("ivl3lab packed", "the samples packed in one row (dense mask)"),
+                            ("ivl3lab packed flex", "packed, FlexAttention"),
+                            ("ivl3lab selective checkpointing", "selective activation checkpointing")):
+            if name in row:
+                k = row[name]
+                print(f"| same, ivl3lab, {label} | tok/s | {k['value']:.0f} | | {t['seconds'] / k['seconds']:.2f}x | "
+                      f"MFU {mfu(k)} | peak GB {k.get('peak_gb') or 0:.1f} |", flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return res

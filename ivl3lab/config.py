@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-ATTN_BACKENDS = ("sdpa", "eager", "flash")
+ATTN_BACKENDS = ("sdpa", "eager", "flash", "flex")
 
 
 @dataclass(frozen=True)

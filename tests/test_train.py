@@ -271,6 +271,70 @@ def test_chunked_loss_skips_unsupervised_positions_and_survives_none(monkeypatch
     assert total.item() == 0 and head.weight.grad is not None and hidden.grad is not None
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_checkpointing_modes_give_the_same_gradients_and_selective_recomputes_no_matmul(tiny, packed):
+    """Full and selective activation checkpointing change only what is stored: the gradients are those of no
+    checkpointing. Full recomputes every block's matrix products in the backward pass; selective keeps them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    _, processor = tiny
+    batch = small_data(processor, pack_tokens=512 if packed else 0).batches(0, 0)
+    assert (batch.segment_ids is not None) == packed
+    grads, backward_matmuls = {}, {}
+    for mode in (False, "full", "selective"):
+        model = fresh().set_gradient_checkpointing(mode)
+        loss = lm_loss(model(**batch.model_inputs()).logits, batch.labels, batch.segment_ids)
+        with CountMatmuls() as counter:
+            loss.backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        backward_matmuls[mode] = counter.count
+    for mode in ("full", "selective"):
+        assert (grads[mode] - grads[False]).abs().max() <= 1e-6, mode
+    assert backward_matmuls["selective"] == backward_matmuls[False] < backward_matmuls["full"]
+    with pytest.raises(ValueError, match="selective"):
+        fresh().set_gradient_checkpointing("some")
+
+
+def test_flex_attention_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
+    """Backend "flex": packed rows through FlexAttention's block-sparse mask give the dense-mask logits. It is
+    used without gradients on CPU (PyTorch has no CPU backward for it; training there takes the dense mask,
+    same gradients) and never when a pattern hook needs the probabilities."""
+    from ivl3lab.model import ops
+
+    _, processor = tiny
+    batch = small_data(processor, pack_tokens=512).batches(0, 0)
+    assert (batch.segment_ids == -1).any() and int(batch.segment_ids.max()) >= 1  # padding and 2+ examples a row
+    calls = []
+    flex = ops._flex_attention
+    monkeypatch.setattr(ops, "_flex_attention", lambda *a: calls.append(1) or flex(*a))
+    model = fresh().eval()
+    with torch.no_grad():
+        dense = model(**batch.model_inputs()).logits
+        model.set_attn_implementation("flex")
+        packed = model(**batch.model_inputs()).logits
+        assert len(calls) == model.config.text.num_layers
+        real = batch.segment_ids >= 0
+        assert (packed - dense)[real].abs().max() <= 1e-5
+        with ivl3lab.hooks(model, [("language.layers.0.self_attn.hook_pattern", lambda x, hook: None)]):
+            hooked = model(**batch.model_inputs()).logits
+        assert len(calls) == model.config.text.num_layers and (hooked - dense)[real].abs().max() <= 1e-5
+    grads = []
+    for backend in ("sdpa", "flex"):
+        model = fresh().set_attn_implementation(backend)
+        lm_loss(model(**batch.model_inputs()).logits, batch.labels, batch.segment_ids).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_vision_warmup_trains_only_the_vision_tower():
     from ivl3lab.train.vision_warmup import warm_up_vision
 

@@ -8,7 +8,7 @@ familiar `model.chat(...)` API works.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -83,8 +83,11 @@ class InternVL3(nn.Module):
                 module.backend = backend
         return self
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> "InternVL3":
-        """Recompute each ViT/LLM block in the backward pass instead of storing its activations (training)."""
+    def set_gradient_checkpointing(self, enabled: Union[bool, str] = True) -> "InternVL3":
+        """Recompute each ViT/LLM block in the backward pass instead of storing its activations (training).
+        True / "full": recompute whole blocks; "selective": keep matmul and attention outputs, recompute the rest."""
+        if enabled not in (True, False, "full", "selective"):
+            raise ValueError(f"gradient checkpointing must be True, False, 'full' or 'selective', got {enabled!r}")
         self.vision.gradient_checkpointing = self.language.gradient_checkpointing = enabled
         return self
 

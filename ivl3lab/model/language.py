@@ -9,17 +9,16 @@ sync, which ivl3lab.decoding captures as a CUDA graph (and optionally compiles o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
 from ..hooks import HookPoint
-from .ops import RMSNorm, attention, rms_norm
+from .ops import RMSNorm, attention, checkpoint_block, packed_block_mask, rms_norm
 
 
 @dataclass
@@ -230,7 +229,7 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
         self.hook_norm_out = HookPoint()  # [B, L, H] final norm output, what lm_head reads
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: Union[bool, str] = False  # False, True / "full", or "selective"
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
@@ -244,17 +243,29 @@ class Qwen2(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, q_len, past_len, device)
         cos, sin = self.rotary(position_ids)
-        mask = build_attention_mask(attention_mask, q_len, past_len, device, segment_ids)
+        if segment_ids is not None and self._flex_packing(cache, inputs_embeds):
+            mask = packed_block_mask(segment_ids, attention_mask)  # block-sparse: examples never see each other
+        else:
+            mask = build_attention_mask(attention_mask, q_len, past_len, device, segment_ids)
         if mask is None and past_len > 0 and q_len > 1:
             mask = causal_mask(q_len, past_len, device)  # SDPA's is_causal assumes Lq == Lk
         causal = mask is None and q_len > 1  # a single query may see every cached key
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, causal, None, use_reentrant=False)
+                x = checkpoint_block(layer, x, cos, sin, mask, causal, None, mode=self.gradient_checkpointing)
             else:
                 x = layer(x, cos, sin, mask, causal, cache)
         return self.hook_norm_out(self.norm(x))
+
+    def _flex_packing(self, cache, x: torch.Tensor) -> bool:
+        """Packed rows go through FlexAttention when the backend is "flex", there is no cache, no layer needs
+        the dense probabilities (a pattern hook), and, off CUDA, no gradient is needed (PyTorch has no CPU
+        backward for it; the dense mask computes the same there)."""
+        attns = [layer.self_attn for layer in self.layers]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.training)
+        return (cache is None and attns[0].backend == "flex" and (x.is_cuda or not needs_grad)
+                and not any(a.hook_pattern.active for a in attns))
 
 
 def decode_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor,

@@ -1,10 +1,14 @@
-"""Small pieces shared by the vision and language towers: RMSNorm, stochastic depth, attention backends.
+"""Small pieces shared by the vision and language towers: RMSNorm, stochastic depth, activation checkpointing,
+attention backends.
 
 The attention function is the one place where the backend choice lives:
 - `sdpa`  (default) torch.nn.functional.scaled_dot_product_attention: fast, never materialises probabilities;
 - `eager` explicit softmax(QK^T)V: slower, but the probabilities exist as a tensor (hooks, attention maps);
-- `flash` flash-attn's kernel when the package is installed and the tensors are fp16/bf16 on CUDA.
-All three compute the same function; tests check they agree within tolerance.
+- `flash` flash-attn's kernel when the package is installed and the tensors are fp16/bf16 on CUDA;
+- `flex`  PyTorch's FlexAttention for packed training rows: a block-sparse mask skips the blocks where one
+          packed example would look at another (the varlen saving, with no extra package); compiled on CUDA.
+          Where nothing is packed it is `sdpa`.
+All compute the same function; tests check they agree within tolerance.
 """
 from __future__ import annotations
 
@@ -60,6 +64,74 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def _op_set(*names: str) -> frozenset:
+    return frozenset(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
+
+
+# Kept by selective checkpointing: the matrix products and attention kernels, the ops whose recomputation costs
+# most per byte saved. Everything else in a block (norms, RoPE, activations, casts) is recomputed.
+_SELECTIVE_SAVE = _op_set("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+                          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                          "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward")
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_block(block: nn.Module, *args, mode="full"):
+    """Run `block` under activation checkpointing. "full" (or True): keep only its inputs and recompute the block in
+    the backward pass (least memory); "selective": keep the outputs of its matrix products and SDPA/flash
+    attention and recompute only the elementwise work (norms, RoPE, activations, casts): less memory than no
+    checkpointing, much less recomputation than "full" (FlexAttention's output is recomputed)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if mode == "selective":
+        return checkpoint(block, *args, use_reentrant=False,
+                          context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
+    if mode is not True and mode != "full":
+        raise ValueError(f"checkpointing mode must be 'full' or 'selective', got {mode!r}")
+    return checkpoint(block, *args, use_reentrant=False)
+
+
+def packed_block_mask(segment_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    """FlexAttention BlockMask for packed rows, segment_ids [B, L] (-1 = padding), attention_mask [B, L] (0 =
+    padding) or None: causal attention inside each example, never to padding. A padding position sees only
+    itself (its output is never read; the dense mask lets it see earlier padding too, equally unread)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    real = segment_ids >= 0 if attention_mask is None else (segment_ids >= 0) & attention_mask.bool()
+
+    def inside_example(b, h, q, k):
+        return ((segment_ids[b, q] == segment_ids[b, k]) & real[b, q] & real[b, k] & (k <= q)) | (q == k)
+
+    batch, length = segment_ids.shape
+    return create_block_mask(inside_example, B=batch, H=None, Q_LEN=length, KV_LEN=length,
+                             device=segment_ids.device)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(q, k, v, block_mask, scale):
+    """Compiled on CUDA (the fused kernel); eagerly elsewhere, where it is a reference implementation."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+        return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    with warnings.catch_warnings():  # "called without torch.compile": intended off CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
 def flash_available(*tensors: torch.Tensor) -> bool:
     return _HAS_FLASH and all(t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
 
@@ -70,7 +142,7 @@ def attention(
     v: torch.Tensor,  # [B, Hkv, Lk, D]
     *,
     backend: str = "sdpa",
-    mask: Optional[torch.Tensor] = None,  # bool [B, 1, Lq, Lk], True = may attend; None = no mask
+    mask=None,  # bool [B, 1, Lq, Lk], True = may attend; None = no mask; or a flex BlockMask (backend "flex")
     causal: bool = False,  # only used when mask is None
     scale: Optional[float] = None,
     pattern_hook=None,  # a HookPoint: when it has hooks, the probabilities are computed and passed through it
@@ -91,6 +163,8 @@ def attention(
             raise ValueError(f"{pattern_hook.name}: a pattern hook cannot edit the pattern when only some query "
                              f"rows are computed (pattern_queries); drop pattern_queries to intervene")
         return out, probs
+    if type(mask).__name__ == "BlockMask":  # only Qwen2 makes one: backend "flex", packed rows, nothing hooked
+        return _flex_attention(q, k, v, mask, scale).transpose(1, 2), None
     if listening or backend == "eager":
         probs = _probabilities(q, k, _full_mask(q, k, mask, causal), scale)
         if listening:
@@ -109,7 +183,7 @@ def attention(
     if backend == "flash":  # shown once per place by Python's default warning filter
         warnings.warn("flash attention needs flash-attn, CUDA fp16/bf16 tensors and no padding mask; "
                       "falling back to sdpa where that does not hold", stacklevel=2)
-    if backend not in ("sdpa", "flash"):
+    if backend not in ("sdpa", "flash", "flex"):  # flex without a block mask: nothing packed, plain SDPA
         raise ValueError(f"unknown attention backend {backend!r}")
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -6,17 +6,16 @@ There is no final norm: the last block's output is what the projector sees.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
 from ..hooks import HookPoint
-from .ops import DropPath, RMSNorm, attention
+from .ops import DropPath, RMSNorm, attention, checkpoint_block
 
 
 def make_norm(cfg: VisionConfig) -> nn.Module:
@@ -117,7 +116,7 @@ class InternViT(nn.Module):
         rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear in depth, 0 at the bottom
         self.layers = nn.ModuleList(VisionBlock(cfg, rate) for rate in rates)
         self.hook_embed = HookPoint()  # [T, 1 + P, C] CLS + patches + positions
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: Union[bool, str] = False  # False, True / "full", or "selective"
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         """Hidden state `select_layer` ([T, 1 + P, C]); index 0 = embeddings, -1 = last block.
@@ -129,7 +128,7 @@ class InternViT(nn.Module):
         x = self.hook_embed(self.embeddings(pixel_values))
         for layer in self.layers[:stop]:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint_block(layer, x, mode=self.gradient_checkpointing)
             else:
                 x = layer(x)
         return x

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     loss_reduction: str = "token"  # token | sample | square
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[bool, str] = False  # True / "full", or "selective" (see set_gradient_checkpointing)
     compile: bool = False
     loss_chunk: int = 0  # > 0: chunked linear + cross-entropy, never materialising full logits
     log_every: int = 10
@@ -165,7 +165,7 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.module = self.model
         if self.cfg.gradient_checkpointing:
-            self.module.set_gradient_checkpointing(True)
+            self.module.set_gradient_checkpointing(self.cfg.gradient_checkpointing)
         if self.world > 1 and self.wrap_ddp:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module)
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
