@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", default=None, help="write a PyTorch profile of ivl3lab's prefill here (text)")
     ap.add_argument("--skip-prefill", action="store_true", help="decode rows only")
     ap.add_argument("--skip-plain", action="store_true", help="don't time ivl3lab's plain decode path")
+    ap.add_argument("--require-same-tokens", action="store_true",
+                    help="fail unless the captured step's greedy tokens equal the plain path's (float32 checks)")
     ap.add_argument("--out", default=None, help="also write the results here as JSON")
     a = ap.parse_args(argv)
     tiny = a.preset == "tiny"
@@ -215,6 +217,9 @@ def run_rows(ours, hf, a, dtype: torch.dtype) -> list[dict]:
         plain, fixed, theirs = ours_decode(cuda_graph=False), ours_decode(cuda_graph=True), hf_decode()
         row["same_tokens_as_plain"] = (plain == fixed).float().mean().item()
         row["transformers_same_tokens_as_plain"] = (plain == theirs).float().mean().item()
+        if a.require_same_tokens and not torch.equal(plain, fixed):
+            raise AssertionError(f"{row['name']}: the captured step's tokens differ from the plain path's "
+                                 f"({row['same_tokens_as_plain']:.0%} equal)")
         rows.append(row)
     for row in rows:  # speed-up > 1 means ivl3lab is faster, for every row
         row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]

@@ -20,7 +20,7 @@ step() {  # step SECONDS LOG ARGS...: one benchmark process, killed after SECOND
   echo "== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
 step 45 "$OUT/tiny_cuda.txt" benchmarks/bench_inference.py --preset tiny --device cuda --dtype float32 \
-  --new-tokens 16 --batches 1,3 --compile-step
+  --new-tokens 16 --batches 1,3 --compile-step --require-same-tokens
 step 300 "$OUT/1b.txt" benchmarks/bench_gpu.py --preset internvl3-1b --compile-step \
   --profile "$OUT/prefill_1b.txt" --profile-train "$OUT/train_1b" --out "$OUT/1b.json"
 step 240 "$OUT/8b.txt" benchmarks/bench_gpu.py --preset internvl3-8b --no-train --compile-step \

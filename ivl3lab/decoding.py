@@ -15,6 +15,7 @@ for (`cuda_graph=True`): that is how the CPU tests check it gives the plain path
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -28,14 +29,19 @@ SLOT_ROUNDING = 128  # cache lengths are rounded up to this, so prompts of simil
 _DECODERS: "weakref.WeakKeyDictionary[InternVL3, tuple]" = weakref.WeakKeyDictionary()
 
 
-def fast_path_blocker(model: InternVL3) -> Optional[str]:
+def fast_path_blocker(model: InternVL3, needed_len: int = 0) -> Optional[str]:
     """Why a captured step would not compute what the model computes now, or None.
 
     A graph replays the kernels of the capture: a hook, an intervention or an adapter switched on or off later
-    would silently not take part, and dropout would be frozen.
+    would silently not take part, and dropout would be frozen. Dynamic-NTK RoPE past max_position_embeddings
+    changes its base from the positions' values, which a graph cannot look at.
     """
     if model.training:
         return "the model is in training mode"
+    text = model.config.text
+    if text.rope_scaling_type == "dynamic" and needed_len > text.max_position_embeddings:
+        return (f"the sequence ({needed_len} tokens) passes max_position_embeddings "
+                f"({text.max_position_embeddings}), where dynamic RoPE scaling needs the plain path")
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "a global module hook is registered"
     for name, module in model.named_modules():
@@ -118,11 +124,26 @@ class FixedStepDecoder:
         """token [B] -> logits [B, V]. On CUDA the returned tensor is overwritten by the next step."""
         self.token.copy_(token[:, None])
         if not self.capture:
-            return self._step(model)
+            return self._eager_step(model)
         if self.graph is None:
-            self._capture_graph(model)
+            with torch.cuda.device(self.token.device):  # the model's GPU, whichever is current
+                self._capture_graph(model)
         self.graph.replay()
         return self.logits
+
+    def _eager_step(self, model: InternVL3) -> torch.Tensor:
+        """`_step`, falling back from a compiled block to the plain one when torch.compile gives up: with
+        fixed shapes it compiles once per (batch, cache length), and past its recompile limit it raises. A failed
+        attempt has moved no state (slot and position advance last; the cache write is redone)."""
+        try:
+            return self._step(model)
+        except Exception as error:
+            if self.block is decode_block or "RecompileLimit" not in type(error).__name__:
+                raise
+            warnings.warn(f"compile_step: torch.compile reached its recompile limit ({type(error).__name__}); "
+                          f"this decoder runs the uncompiled block", stacklevel=2)
+            self.block = decode_block
+            return self._step(model)
 
     def _capture_graph(self, model: InternVL3) -> None:
         state = (self.slot, self.position, self.key_mask)
@@ -131,7 +152,7 @@ class FixedStepDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS handles, autotuning, compilation
             for _ in range(2):
-                self._step(model)
+                self._eager_step(model)
                 for t, s in zip(state, saved):  # each warm-up step is undone (its cache write is overwritten)
                     t.copy_(s)
         torch.cuda.current_stream().wait_stream(side)
@@ -150,9 +171,11 @@ def fixed_step_decoder(model: InternVL3, batch: int, needed_len: int, capture: b
     """
     key = (capture, compile_step, model.dtype, str(model.device), model.config.attn_implementation,
            torch.is_inference_mode_enabled(),  # inference tensors cannot be updated in place outside it
-           tuple(p.data_ptr() for p in model.parameters()))
+           tuple(t.data_ptr() for t in model.parameters()),
+           tuple(t.data_ptr() for t in model.buffers()))  # RoPE's inv_freq is rebuilt by every .to()
     cached = _DECODERS.get(model)
-    max_len = -(-needed_len // SLOT_ROUNDING) * SLOT_ROUNDING
+    rounded = -(-needed_len // SLOT_ROUNDING) * SLOT_ROUNDING  # never past RoPE's bound unless needed
+    max_len = max(needed_len, min(rounded, model.config.text.max_position_embeddings))
     if cached is not None and cached[1].in_use:
         return FixedStepDecoder(model, batch, max_len, capture, compile_step)
     if cached is not None and cached[0] == key and cached[1].fits(batch, needed_len):

@@ -90,9 +90,9 @@ def iter_tokens(model: InternVL3, input_ids: torch.Tensor, attention_mask: Optio
     padded = attention_mask is not None and not bool(attention_mask.all())
     attention_mask = attention_mask if padded else None
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    if _use_fixed_step(model, input_ids, cuda_graph, static_cache):
-        decoder = fixed_step_decoder(model, batch, input_ids.shape[1] + cfg.max_new_tokens,
-                                     capture=input_ids.is_cuda, compile_step=compile_step)
+    needed_len = input_ids.shape[1] + cfg.max_new_tokens
+    if _use_fixed_step(model, input_ids.is_cuda, needed_len, cuda_graph, static_cache):
+        decoder = fixed_step_decoder(model, batch, needed_len, capture=input_ids.is_cuda, compile_step=compile_step)
         decoder.in_use = True
         try:
             logits = decoder.prefill(model, input_ids, attention_mask, pixel_values, num_tiles_per_sample)
@@ -132,11 +132,11 @@ def _decode_loop(logits, next_logits, cfg: GenerationConfig, finished, stops, ge
         logits = next_logits(token)
 
 
-def _use_fixed_step(model: InternVL3, input_ids: torch.Tensor, cuda_graph: Optional[bool],
+def _use_fixed_step(model: InternVL3, on_cuda: bool, needed_len: int, cuda_graph: Optional[bool],
                     static_cache: bool) -> bool:
-    if cuda_graph is False or (cuda_graph is None and not input_ids.is_cuda):
+    if cuda_graph is False or (cuda_graph is None and not on_cuda):
         return False
-    blocker = fast_path_blocker(model) or (None if static_cache else "static_cache=False")
+    blocker = fast_path_blocker(model, needed_len) or (None if static_cache else "static_cache=False")
     if blocker is None:
         return True
     if cuda_graph:

@@ -37,7 +37,7 @@ def test_cpu_smoke_table_has_every_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     res = load_bench().main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--tiles", "1",
                              "--new-tokens", "2", "--batches", "1,2", "--repeats", "1", "--warmup", "1",
-                             "--out", str(out)])
+                             "--require-same-tokens", "--out", str(out)])
     printed = capsys.readouterr().out
     rows = table_rows(printed)
     prompt_len = 8 + get_preset("tiny").num_image_token + 64  # make_prompt: 8 text + 1 tile + 64 text tokens

@@ -174,3 +174,39 @@ def test_two_interleaved_generations_do_not_share_a_decoder(model):
         interleaved = torch.stack([s[k] for s in steps], dim=1)
         assert torch.equal(interleaved, run(model, *prompt, cfg, cuda_graph=False))
     assert not decoding._DECODERS[model][1].in_use  # released when the streams ended
+
+
+@torch.no_grad()
+def test_a_move_or_cast_that_rebuilds_buffers_gets_a_new_decoder(model):
+    """`.to()` rebuilds RoPE's inv_freq (a buffer) even when no parameter moves: a captured graph would read
+    the freed one, so the cache key covers buffers too."""
+    ids, mask, pv, tiles = batch(model)
+    run(model, ids, mask, pv, tiles, dict(max_new_tokens=3), cuda_graph=True)
+    decoder = decoding._DECODERS[model][1]
+    model.float()  # already float32: parameters stay, inv_freq is rebuilt
+    run(model, ids, mask, pv, tiles, dict(max_new_tokens=3), cuda_graph=True)
+    assert decoding._DECODERS[model][1] is not decoder
+
+
+@torch.no_grad()
+def test_compile_past_its_recompile_limit_falls_back_to_the_plain_block(model, monkeypatch):
+    """With fixed shapes each (batch, cache length) is one compilation; past torch's limit the decoder warns
+    and runs the uncompiled block instead of failing."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm)
+    cfg = dict(max_new_tokens=6)
+    two, one = batch(model, seed=6), batch(model, (1,), (4,), seed=7)
+    run(model, *two, cfg, cuda_graph=True, compile_step=backend)
+    with pytest.warns(UserWarning, match="recompile limit"):
+        compiled = run(model, *one, cfg, cuda_graph=True, compile_step=backend)
+    assert torch.equal(compiled, run(model, *one, cfg, cuda_graph=False))
+    torch._dynamo.reset()
+
+
+def test_dynamic_rope_past_its_bound_blocks_the_fast_path(model):
+    limit = model.config.text.max_position_embeddings
+    assert decoding.fast_path_blocker(model, needed_len=limit) is None
+    assert "max_position_embeddings" in decoding.fast_path_blocker(model, needed_len=limit + 1)
