@@ -189,19 +189,19 @@ def test_a_move_or_cast_that_rebuilds_buffers_gets_a_new_decoder(model):
 
 
 @torch.no_grad()
-def test_compile_past_its_recompile_limit_falls_back_to_the_plain_block(model, monkeypatch):
+def test_compile_past_its_recompile_limit_falls_back_to_the_plain_block(model):
     """With fixed shapes each (batch, cache length) is one compilation; past torch's limit the decoder warns
     and runs the uncompiled block instead of failing."""
     from torch._dynamo.backends.common import aot_autograd
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     backend = aot_autograd(fw_compiler=lambda gm, _: gm)
     cfg = dict(max_new_tokens=6)
     two, one = batch(model, seed=6), batch(model, (1,), (4,), seed=7)
-    run(model, *two, cfg, cuda_graph=True, compile_step=backend)
-    with pytest.warns(UserWarning, match="recompile limit"):
-        compiled = run(model, *one, cfg, cuda_graph=True, compile_step=backend)
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatching the attribute breaks the config)
+        run(model, *two, cfg, cuda_graph=True, compile_step=backend)
+        with pytest.warns(UserWarning, match="recompile limit"):
+            compiled = run(model, *one, cfg, cuda_graph=True, compile_step=backend)
     assert torch.equal(compiled, run(model, *one, cfg, cuda_graph=False))
     torch._dynamo.reset()
 
