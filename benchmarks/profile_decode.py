@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
     events = prof.key_averages()
     kernel_s = sum(e.self_device_time_total for e in events) / 1e6 if cuda else float("nan")
     table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
-    summary = (f"{a.preset} batch {a.batch} {'compiled ' if a.compile_step else ''}captured step: "
+    kind = "captured" if cuda else "fixed-shape (eager, no graph off CUDA)"
+    summary = (f"{a.preset} batch {a.batch} {'compiled ' if a.compile_step else ''}{kind} step: "
                f"{a.new_tokens} tokens in {wall * 1e3:.1f} ms ({a.batch * a.new_tokens / wall:.0f} tok/s), "
                f"{wall / a.new_tokens * 1e3:.3f} ms per step (prefill included); kernels {kernel_s * 1e3:.1f} ms "
                f"in all, {kernel_s / a.new_tokens * 1e3:.3f} ms per step")

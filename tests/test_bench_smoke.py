@@ -74,3 +74,15 @@ def test_gpu_bench_cpu_smoke_includes_the_training_row(tmp_path):
     train = res["rows"][-1]
     assert train["ivl3lab"]["value"] > 0 and train["transformers"]["value"] > 0
     assert json.loads(out.read_text())["rows"][-1]["name"] == train["name"]
+
+
+def test_decode_profile_cpu_smoke(tmp_path):
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("profile_decode", BENCH.with_name("profile_decode.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "profile.txt"
+    res = module.main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "3", "--out", str(out)])
+    assert res["wall_s"] > 0
+    text = out.read_text()
+    assert text.startswith("tiny batch 1 fixed-shape (eager, no graph off CUDA) step: 3 tokens") and "aten::" in text
