@@ -126,8 +126,13 @@ class FixedStepDecoder:
         if not self.capture:
             return self._eager_step(model)
         if self.graph is None:
-            with torch.cuda.device(self.token.device):  # the model's GPU, whichever is current
+            try:
                 self._capture_graph(model)
+            except RuntimeError as error:  # an op that cannot be captured: stay correct, only slower
+                warnings.warn(f"generate: capturing the decode step as a CUDA graph failed ({error}); this "
+                              f"decoder runs it uncaptured", stacklevel=2)
+                self.graph, self.capture = None, False
+                return self._eager_step(model)
         self.graph.replay()
         return self.logits
 
@@ -146,6 +151,10 @@ class FixedStepDecoder:
             return self._step(model)
 
     def _capture_graph(self, model: InternVL3) -> None:
+        with torch.cuda.device(self.token.device):  # the model's GPU, whichever is current
+            self._capture_on_current_device(model)
+
+    def _capture_on_current_device(self, model: InternVL3) -> None:
         state = (self.slot, self.position, self.key_mask)
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream()

@@ -210,3 +210,25 @@ def test_dynamic_rope_past_its_bound_blocks_the_fast_path(model):
     limit = model.config.text.max_position_embeddings
     assert decoding.fast_path_blocker(model, needed_len=limit) is None
     assert "max_position_embeddings" in decoding.fast_path_blocker(model, needed_len=limit + 1)
+
+
+@torch.no_grad()
+def test_a_failed_capture_falls_back_to_the_uncaptured_step(model, monkeypatch):
+    """If some op of the step cannot be captured (a GPU/driver/library combination we never saw), decoding
+    warns and goes on uncaptured, with the same logits, instead of failing."""
+    ids, mask, pv, tiles = batch(model)
+    captured = decoding.FixedStepDecoder(model, batch=2, max_len=128, capture=True)
+    reference = decoding.FixedStepDecoder(model, batch=2, max_len=128, capture=False)
+
+    def cannot_capture(_model):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(captured, "_capture_graph", cannot_capture)
+    first = captured.prefill(model, ids, mask, pv, tiles)
+    assert torch.equal(first, reference.prefill(model, ids, mask, pv, tiles))
+    token = first.argmax(-1)
+    with pytest.warns(UserWarning, match="uncaptured"):
+        second = captured.step(model, token)
+    assert not captured.capture and torch.equal(second, reference.step(model, token))
+    token = second.argmax(-1)
+    assert torch.equal(captured.step(model, token), reference.step(model, token))
