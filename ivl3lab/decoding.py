@@ -66,9 +66,9 @@ class FixedStepDecoder:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)  # RoPE position of `token`
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache index `token` is written to
         self.key_mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slots one may attend to
-        attns = [layer.self_attn for layer in model.language.layers]
-        self.qkv_weight = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in attns]
-        self.qkv_bias = [torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]) for a in attns]
+        self.qkv_weight: list[torch.Tensor] = []  # per layer: q/k/v projections fused, filled by _fuse_qkv
+        self.qkv_bias: list[torch.Tensor] = []
+        self._fuse_qkv(model)
         self.block = decode_block
         if compile_step:  # one compilation for all layers: same shapes, weights passed as arguments
             backend = "inductor" if compile_step is True else compile_step
@@ -85,10 +85,7 @@ class FixedStepDecoder:
         """The prompt through the model (eager, any length) into the cache -> last logits [B, V]."""
         cache, length = self.cache, input_ids.shape[1]
         cache._length = 0  # the prompt is written at 0..length-1
-        for i, layer in enumerate(model.language.layers):  # the fused copies follow any training since
-            a = layer.self_attn
-            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], out=self.qkv_weight[i])
-            torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=self.qkv_bias[i])
+        self._fuse_qkv(model)  # the fused copies follow any training since the last call
         out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=True,
                     past_key_values=cache, num_tiles_per_sample=num_tiles_per_sample, logits_to_keep=1)
         self.key_mask.zero_()  # slots left over from an earlier prompt stay masked
@@ -100,6 +97,17 @@ class FixedStepDecoder:
             self.position.copy_(attention_mask.long().sum(-1, keepdim=True))
         self.slot.fill_(length)
         return out.logits[:, -1]
+
+    def _fuse_qkv(self, model: InternVL3) -> None:
+        """(Re)fill the fused q/k/v copies in place: a captured graph keeps reading the same memory."""
+        for i, layer in enumerate(model.language.layers):
+            a = layer.self_attn
+            for fused, name in ((self.qkv_weight, "weight"), (self.qkv_bias, "bias")):
+                parts = [getattr(proj, name) for proj in (a.q_proj, a.k_proj, a.v_proj)]
+                if i < len(fused):
+                    torch.cat(parts, out=fused[i])
+                else:
+                    fused.append(torch.cat(parts))
 
     def _step(self, model: InternVL3) -> torch.Tensor:
         """token -> next logits [B, V]; advances slot and position in place (all on the device)."""

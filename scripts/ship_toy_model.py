@@ -24,12 +24,16 @@ from ivl3lab.train.toy import eval_items_from, exact_match  # noqa: E402
 FRESH_START = 300_000  # test-split scene indices used for the shipped numbers (and by tests/test_toy_model.py)
 
 
-def main(run: str) -> None:
-    run_dir = Path(run)
+def copy_into_package(run_dir: Path, target: Path) -> None:
+    """The run's final model, as bf16 safetensors in the original format with its processor, replacing target."""
     model, processor = ivl3lab.load_pretrained(run_dir / "model")
-    target = ivl3lab.TOY_MODEL
     shutil.rmtree(target, ignore_errors=True)
     ivl3lab.save_pretrained(model.to(torch.bfloat16), target, format="original", processor=processor)
+
+
+def main(run: str) -> None:
+    run_dir, target = Path(run), ivl3lab.TOY_MODEL
+    copy_into_package(run_dir, target)
     shipped, processor = ivl3lab.load_toy()
     items = eval_items_from(processor, "test", FRESH_START, per_type=100, tile_px=shipped.config.vision.image_size)
     scores = exact_match(shipped, items, processor.pad_token_id)

@@ -9,27 +9,22 @@ accuracy) and greedy reasoning accuracy on fresh held-out test questions (tests/
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ivl3lab  # noqa: E402
+from ship_toy_model import copy_into_package  # noqa: E402  (this folder: the script's own sys.path entry)
 from ivl3lab.train.reasoning import accuracy, reasoning_items  # noqa: E402
 
 FRESH_START = 300_000  # test-split scene indices for the shipped number
 
 
 def main(run: str) -> None:
-    run_dir = Path(run)
-    model, processor = ivl3lab.load_pretrained(run_dir / "model")
-    target = ivl3lab.TOY_SFT_MODEL
-    shutil.rmtree(target, ignore_errors=True)
-    ivl3lab.save_pretrained(model.to(torch.bfloat16), target, format="original", processor=processor)
+    run_dir, target = Path(run), ivl3lab.TOY_SFT_MODEL
+    copy_into_package(run_dir, target)
     shipped, processor = ivl3lab.load_toy(variant="sft")
     items = reasoning_items("test", 200, start=FRESH_START, tile_px=shipped.config.vision.image_size)
     results = {"command": "python -m ivl3lab.train.mpo_toy sft --out runs/sft",

@@ -14,9 +14,9 @@ from ivl3lab.config import get_preset
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
 
 
-def load_bench():
-    """benchmarks/ is not a package: import the script from its path."""
-    spec = importlib.util.spec_from_file_location("bench_inference", BENCH)
+def load_script(name: str = "bench_inference"):
+    """benchmarks/ is not a package: import a script from its path."""
+    spec = importlib.util.spec_from_file_location(name, BENCH.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -35,7 +35,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 def test_cpu_smoke_table_has_every_row(tmp_path, capsys):
     torch.set_num_threads(1)
     out = tmp_path / "bench.json"
-    res = load_bench().main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--tiles", "1",
+    res = load_script().main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--tiles", "1",
                              "--new-tokens", "2", "--batches", "1,2", "--repeats", "1", "--warmup", "1",
                              "--require-same-tokens", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -62,9 +62,7 @@ def test_cpu_smoke_table_has_every_row(tmp_path, capsys):
 
 def test_gpu_bench_cpu_smoke_includes_the_training_row(tmp_path):
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH.with_name("bench_gpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_gpu")
     out = tmp_path / "gpu.json"
     res = module.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--tiles", "1", "--new-tokens",
                        "2", "--batches", "1", "--repeats", "1", "--warmup", "1", "--train-batch", "2",
@@ -78,9 +76,7 @@ def test_gpu_bench_cpu_smoke_includes_the_training_row(tmp_path):
 
 def test_decode_profile_cpu_smoke(tmp_path):
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("profile_decode", BENCH.with_name("profile_decode.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("profile_decode")
     out = tmp_path / "profile.txt"
     res = module.main(["--preset", "tiny", "--device", "cpu", "--new-tokens", "3", "--out", str(out)])
     assert res["wall_s"] > 0

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
@@ -76,8 +78,6 @@ _SELECTIVE_SAVE = _op_set("mm", "addmm", "bmm", "_scaled_dot_product_flash_atten
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_SAVE if op in _SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -86,10 +86,6 @@ def checkpoint_block(block: nn.Module, *args, mode="full"):
     the backward pass (least memory); "selective": keep the outputs of its matrix products and SDPA/flash
     attention and recompute only the elementwise work (norms, RoPE, activations, casts): less memory than no
     checkpointing, much less recomputation than "full" (FlexAttention's output is recomputed)."""
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
     if mode == "selective":
         return checkpoint(block, *args, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))

@@ -79,6 +79,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def prepare_run(out, threads: int = 0) -> Path:
+    """What every toy experiment's command line does first: set torch's threads (0 = leave as is) and create
+    the output folder, returned as a Path."""
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 def is_sharded(model) -> bool:
     """True for an FSDP2 (`fully_shard`) model, whose state_dict() holds only this rank's shards."""

@@ -58,8 +58,9 @@ def chunked_loss_sums(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: to
     h = hidden[:, :-1].flatten(0, 1)[keep]  # [N, H], supervised positions that predict a next token
     targets = labels[:, 1:].flatten()[keep].clamp(min=0)
     w = w[keep]
-    # zero that keeps every parameter in the graph (DDP expects a gradient for each, even with nothing supervised)
-    total = (hidden.sum() + lm_head.weight.sum()).float() * 0.0
+    if keep.numel() == 0:  # a zero that still reaches every parameter (DDP expects a gradient for each)
+        return (hidden.sum() + lm_head.weight.sum()).float() * 0.0, weights.sum()
+    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk):
         piece = slice(start, start + chunk)
         total = total + checkpoint(_chunk_ce, h[piece], lm_head.weight, targets[piece], w[piece],

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..build import load_toy
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, prepare_run
 from .mpo import MPOConfig
 from .preference import correctness_pairs, dropout_ntp_pairs, save_pairs, train_preference
 from .reasoning import ReasoningSFTData, accuracy, reasoning_items
@@ -111,10 +111,7 @@ def main(argv=None) -> dict:
     b.add_argument("--lr", type=float, default=5e-4)
     b.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run(args.out, args.threads)
     if args.command == "sft":
         model, processor = load_toy(dtype=torch.float32)
         start = time.perf_counter()

@@ -16,11 +16,9 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
-
-import torch
 
 from .best_of_n import best_of_n_curve, plot_best_of_n
+from .loop import prepare_run
 from .mpo_toy import load_model
 from .prm import monte_carlo_labels, response_score, score_responses, train_reward_model
 from .reasoning import exact_step_labels, final_answer, is_correct, reasoning_items, sample_responses
@@ -72,10 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run(args.out, args.threads)
     policy, processor = load_model(args.policy)
     tile_px = policy.config.vision.image_size
     timings, start = {}, time.perf_counter()

@@ -16,13 +16,12 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..build import load_toy
 from .data import Example, chat_example, collate, example_range
-from .loop import TrainConfig, Trainer
+from .loop import TrainConfig, Trainer, prepare_run
 from .toyworld import NUMBER_WORDS, scene
 from .v2pe import v2pe_position_ids
 
@@ -90,10 +89,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-per-point", type=int, default=60)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_run(args.out, args.threads)
     base, processor = load_toy(dtype=torch.float32)
     tile_px = base.config.vision.image_size
     evals = {n: [multi_image_example(processor, "test", i, n, tile_px) for i in range(args.eval_per_point)]
