@@ -1,0 +1,93 @@
+"""scripts/toy_diagnostics.py: its token-to-object map lines up with the model's image tokens, it names the
+object a question asks about, and a head built to find that object is reported as one."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ivl3lab
+from ivl3lab.train.data import chat_example, collate
+from ivl3lab.train.toyworld import scene
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "toy_diagnostics.py"
+
+
+@pytest.fixture(scope="module")
+def diag():
+    spec = importlib.util.spec_from_file_location("toy_diagnostics", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model, processor = ivl3lab.load_toy()
+    return model.float().eval(), processor
+
+
+def multi_object_scenes(n):
+    found, index = [], 0
+    while len(found) < n:
+        s = scene("val", 900_000 + index)
+        index += 1
+        if len(s.objects) >= 2 and s.grid != (1, 1):
+            found.append(s)
+    return found
+
+
+def test_token_objects_match_the_image_tokens_and_cover_every_object(diag, toy):
+    model, processor = toy
+    for s in multi_object_scenes(3):
+        objects = diag.token_objects(s, 112, model.config.max_dynamic_patch)
+        ids = collate([chat_example(processor, [("How many objects are there?", "two")], image=s.image)],
+                      processor.pad_token_id).input_ids[0]
+        assert len(objects) == int((ids == model.config.image_token_id).sum())
+        assert set(objects.tolist()) == set(range(len(s.objects) + 1))  # background and every object
+        grid_tokens = objects[:-16]  # the thumbnail (last 16) shrinks objects; a small one may cover no token centre
+        for k, obj in enumerate(s.objects, start=1):  # grid tiles row-major: an object's tokens lie in its tile
+            assert set((np.flatnonzero(grid_tokens == k) // 16 + 1).tolist()) == {obj.tile}
+
+
+def test_target_object_is_the_one_the_question_names(diag):
+    for s in multi_object_scenes(5):
+        for kind, question, _ in s.qa:
+            if kind == "count":
+                continue
+            target = s.objects[diag.target_object(s, kind, question) - 1]
+            if kind == "colour":
+                assert question.endswith(f"the {target.shape}?")
+            else:  # named by colour; for left/right the first object named
+                assert f"the {target.colour} " in question
+                first = min((question.index(f" {o.colour} "), o) for o in s.objects if f" {o.colour} " in question)
+                assert first[1] == target
+
+
+def test_a_head_that_finds_the_named_object_is_reported(diag, toy, monkeypatch):
+    """Rewrite one head's pattern so the last question token attends only to the target's tokens: the report
+    must list exactly that (token, layer, head) with target mass 1 and other mass 0."""
+    model, processor = toy
+    scenes = multi_object_scenes(2)
+    real, calls = diag.run_with_cache, []
+
+    def fake(model_, *args, pattern_queries=None, **kwargs):
+        out, cache = real(model_, *args, pattern_queries=pattern_queries, **kwargs)
+        s = scenes[len(calls)]  # one colour question per scene, visited in order
+        calls.append(kwargs["input_ids"][0, pattern_queries[-1]])
+        question = next(q for k, q, _ in s.qa if k == "colour")
+        objects = torch.as_tensor(diag.token_objects(s, 112, model.config.max_dynamic_patch))
+        image_pos = (kwargs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+        pattern = cache["language.layers.2.self_attn.hook_pattern"]
+        pattern[0, 3, -1] = 0.0
+        on_target = image_pos[objects == diag.target_object(s, "colour", question)]
+        pattern[0, 3, -1, on_target] = 1.0 / len(on_target)
+        return out, cache
+
+    monkeypatch.setattr(diag, "run_with_cache", fake)
+    sums = diag.selective_attention(model, processor, scenes, 112, kinds=("colour",))
+    assert len(calls) == len(scenes)
+    last_token = diag.token_label(processor.tokenizer, int(calls[0]))
+    hits = [key for key, (target, other, n) in sums.items() if target / n > 0.99 and other == 0]
+    assert hits == [("colour", -1, last_token, 2, 3)], hits
