@@ -91,3 +91,23 @@ def test_a_head_that_finds_the_named_object_is_reported(diag, toy, monkeypatch):
     last_token = diag.token_label(processor.tokenizer, int(calls[0]))
     hits = [key for key, (target, other, n) in sums.items() if target / n > 0.99 and other == 0]
     assert hits == [("colour", -1, last_token, 2, 3)], hits
+
+
+def test_accuracy_by_objects_splits_exact_match_by_object_count(diag, toy):
+    from ivl3lab.train.toy import exact_match
+
+    model, processor = toy
+    scenes = [scene("val", 910_000 + i) for i in range(12)]
+    split = diag.accuracy_by_objects(model, processor, scenes, 112)
+    assert {key.split(", ")[1] for key in split} <= {"1 object", "2-3 objects"}
+    counts = {}
+    for s in scenes:
+        for kind, _, _ in s.qa:
+            key = f"acc_{kind}, {'1 object' if len(s.objects) == 1 else '2-3 objects'}"
+            counts[key] = counts.get(key, 0) + 1
+    assert set(split) == set(counts)
+    items = [(kind, chat_example(processor, [(q, a)], image=s.image)) for s in scenes for kind, q, a in s.qa]
+    overall = exact_match(model, items, processor.pad_token_id)
+    for kind in {k for k, _ in items}:  # the per-count accuracies recombine into the overall one
+        parts = [(split[key], n) for key, n in counts.items() if key.startswith(f"acc_{kind},")]
+        assert abs(sum(a * n for a, n in parts) / sum(n for _, n in parts) - overall[f"acc_{kind}"]) < 1e-9

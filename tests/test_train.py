@@ -432,3 +432,56 @@ def test_training_starts_from_clean_gradients(tiny):
         Trainer(model, TrainConfig(steps=1, warmup_steps=1), small_data(processor).batches).fit(progress=False)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.equal(first_update(False), first_update(True))
+
+
+def test_object_list_puts_colour_after_shape_and_tile_after_colour():
+    """The order is the point: the shape word must predict the colour (finding an object by its shape)."""
+    from ivl3lab.train.toyworld import object_list
+
+    for i in range(30):
+        s = scene("train", i)
+        words = object_list(s).removeprefix("The objects: ").rstrip(".").split(", ")
+        left_to_right = sorted(s.objects, key=lambda o: o.cx)
+        assert words == [f"{o.shape} {o.colour} {o.tile}" for o in left_to_right]
+
+
+def test_toy_conversations_carry_the_object_list_unless_turned_off(tiny):
+    from ivl3lab.train.toyworld import object_list
+
+    _, processor = tiny
+    for listing in (True, False):
+        data = small_data(processor, listing=listing, text_ratio=0.0)
+        for index in range(4):
+            example = data.example(index)
+            supervised = processor.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels)
+                                                     if label != D.IGNORE])
+            s = scene("train", index, max_objects=2)
+            assert (object_list(s) in supervised) == listing
+            assert s.caption in supervised
+
+
+def test_pretrain_freezes_the_warmed_up_vit_unless_told_not_to(tmp_path, monkeypatch):
+    """After the warm-up the multimodal stage trains the projector and the LLM only (--freeze-vision, the
+    default); --no-freeze-vision trains all three."""
+    from safetensors.torch import load_file
+
+    from ivl3lab.train import pretrain
+
+    warmed = {}
+    real_warm_up = pretrain.warm_up_vision
+
+    def recording_warm_up(model, **kwargs):
+        log = real_warm_up(model, **kwargs)
+        warmed[len(warmed)] = {k: v.clone() for k, v in model.vision.state_dict().items()}
+        return log
+
+    monkeypatch.setattr(pretrain, "warm_up_vision", recording_warm_up)
+    args = ["--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-every", "0", "--ckpt-every", "0",
+            "--no-progress", "--max-objects", "2", "--vision-warmup-steps", "1", "--device", "cpu"]
+    for run, flag in enumerate(("--freeze-vision", "--no-freeze-vision")):
+        pretrain.main(["--out", str(tmp_path / flag), *args, flag])
+        saved = load_file(tmp_path / flag / "model" / "model.safetensors")
+        after, _ = ivl3lab.load_pretrained(tmp_path / flag / "model")
+        vision_same = all(torch.equal(v, after.vision.state_dict()[k]) for k, v in warmed[run].items())
+        assert vision_same == (flag == "--freeze-vision")
+        assert saved  # the final model was written in the original format

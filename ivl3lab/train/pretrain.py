@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..build import build
 from .loop import Trainer, TrainConfig
+from .sft import set_trainable
 from .toy import ToyData, make_evaluator
 from .vision_warmup import warm_up_vision
 
@@ -41,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-objects", type=int, default=3)
     ap.add_argument("--vision-warmup-steps", type=int, default=300,
                     help="ViT-only dense shape/colour pre-training before the multimodal stage (0 = none)")
+    ap.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True,
+                    help="after a warm-up, train only the projector and the LLM (the warmed-up ViT stays as it is)")
+    ap.add_argument("--listing", action=argparse.BooleanOptionalAction, default=True,
+                    help="add the object list ('The objects: star red 2, ...') to every image conversation")
     ap.add_argument("--vision-position-weight", type=float, default=0.0,
                     help="weight of the warm-up's per-patch column target (keeps left/right readable)")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -89,7 +94,7 @@ def main(argv=None) -> list[dict]:
     tile_px = model.config.vision.image_size
     data = ToyData(processor, batch_size=args.batch_size, grad_accum=args.grad_accum, tile_px=tile_px,
                    max_objects=args.max_objects, text_ratio=args.text_ratio, pack_tokens=args.pack_tokens,
-                   seed=args.seed)
+                   listing=args.listing, seed=args.seed)
     # under FSDP2 an evaluation forward gathers shards, so every rank must run it (only rank 0 logs)
     evaluate = make_evaluator(processor, per_type=args.eval_per_type, tile_px=tile_px, max_objects=args.max_objects) \
         if args.eval_every and (rank == 0 or args.fsdp) else None
@@ -104,6 +109,8 @@ def main(argv=None) -> list[dict]:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))
+    if args.freeze_vision and args.vision_warmup_steps:  # also on resume: checkpoints hold no ViT optimizer state
+        set_trainable(model, vision=False)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 

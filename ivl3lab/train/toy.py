@@ -2,7 +2,8 @@
 
 Pre-training mixture (native multimodal, one stage): text-only samples and image-text samples at a
 configurable ratio (the paper uses about 1:3). An image-text sample is one conversation about one scene: the
-caption, then every question of the scene (all answers supervised) — several facts per image per step.
+caption, the object list and every question of the scene, in random order (all answers supervised) —
+several facts per image per step.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from .data import Batch, Example, chat_example, collate, example_range, greedy_pack, pack, text_example
-from .toyworld import QUESTION_TYPES, scene, text
+from .toyworld import QUESTION_TYPES, object_list, scene, text
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ToyData:
     tile_px: int = 112
     max_objects: int = 3
     caption: bool = True
+    listing: bool = True  # the object list: what teaches finding an object by its shape (toyworld.object_list)
     question_types: tuple = QUESTION_TYPES
     pack_tokens: int = 0  # > 0: pack each micro-batch into rows of at most this many tokens
     seed: int = 0
@@ -39,6 +41,8 @@ class ToyData:
         turns = [(q, a) for kind, q, a in s.qa if kind in self.question_types]
         if self.caption:  # anywhere in the conversation: evaluation asks a question right after the image
             turns.insert(rng.randint(0, len(turns)), ("Describe the image.", s.caption))
+        if self.listing:
+            turns.insert(rng.randint(0, len(turns)), ("List the objects.", object_list(s)))
         return chat_example(self.processor, turns, image=s.image, kind="image")
 
     def batches(self, step: int, micro: int, rank: int = 0, world: int = 1) -> Batch:

@@ -7,6 +7,10 @@ Design choices that make every question type learnable (measured in docs/toy_res
 - shapes and colours are unique within an image, so every question has one answer;
 - captions name every object with its colour, shape and tile, which gives dense supervision for all the
   facts the questions ask about;
+- an object list ("The objects: star red 2, circle blue 1") puts each object's colour right after its shape
+  word and its tile right after its colour word, so predicting the next word teaches one attention head to
+  find an object by its shape and read its colour: without it, "What color is the star?" stayed at the
+  "name any colour in the picture" level in every run (docs/toy_results.md);
 - aspect ratios vary (1:1, 2:1, 1:2, 3:1, 3:2 ...) so dynamic tiling yields 1 to 7 tiles, and each object
   lies inside one grid tile so "which tile" has a clean answer.
 """
@@ -145,6 +149,14 @@ def caption(scene: Scene) -> str:
              for o in sorted(scene.objects, key=lambda o: o.cx)]
     return "There " + ("is " if len(parts) == 1 else "are ") + ", ".join(parts[:-1]) + \
         (" and " if len(parts) > 1 else "") + parts[-1] + "."
+
+
+def object_list(scene: Scene) -> str:
+    """Every object left to right as "shape colour tile". In "a red star" (the caption) the colour word
+    predicts the shape, so the model learns to find an object by its colour; here the shape word predicts the
+    colour, the direction that "What color is the star?" needs."""
+    return "The objects: " + ", ".join(f"{o.shape} {o.colour} {o.tile}"
+                                       for o in sorted(scene.objects, key=lambda o: o.cx)) + "."
 
 
 def questions(scene: Scene, rng: random.Random, focus: Optional[str] = None) -> list[tuple[str, str, str]]:
