@@ -8,9 +8,10 @@ Two reports (docs/toy_results.md reads them):
 - exact match per question type, split by how many objects the scene has. With one object, "What color is the
   star?" can be answered by naming any colour in the image; only scenes with two or more objects test whether
   the model finds the object the question names.
-- selective attention: for every question token, LLM layer and head, the attention mass on the image tokens
-  of the asked-about object ("target") against the other objects' tokens ("other"), averaged over questions
-  about scenes with two or more objects. A head that finds the named object puts its mass on the target and
+- selective attention: for every token from `</img>` up to the one that predicts the answer (the question and
+  the template tokens around it), LLM layer and head, the attention mass on the image tokens of the asked-about
+  object ("target") against the other objects' tokens ("other"), averaged over questions about scenes with two
+  or more objects. A head that finds the named object puts its mass on the target and
   almost none on the others. Listed are the rows whose target mass is at least `--min-target` and at least
   three times the other mass.
 """
@@ -36,9 +37,9 @@ from ivl3lab.train.toyworld import label_map, scene  # noqa: E402
 FIRST_SCENE = 500_000  # validation-split scene indices: far from the ones the training evaluations use
 
 
-def token_objects(s, tile_px: int, max_tiles: int, patch: int = 14) -> np.ndarray:
+def token_objects(s, tile_px: int, max_tiles: int, patch: int) -> np.ndarray:
     """For each image token of the scene (tiles row-major, thumbnail last), the object under its centre
-    (0 = background, k = s.objects[k - 1])."""
+    (0 = background, k = s.objects[k - 1]); `patch` is the ViT patch size."""
     _, layout = dynamic_preprocess(s.image, 1, max_tiles, tile_px, use_thumbnail=True)
     labels = label_map(s)
     crops = [labels.crop(((k % layout.cols) * tile_px, (k // layout.cols) * tile_px,
@@ -61,29 +62,30 @@ def target_object(s, kind: str, question: str) -> int:
 
 def token_label(tokenizer, token_id: int) -> str:
     text = tokenizer.decode([token_id])
-    return text.strip() or repr(text)  # the newline before the answer shows as '\n'
+    return text.strip() or text.encode("unicode_escape").decode()  # a newline shows as \n, not as a blank
 
 
-def accuracy_by_objects(model, processor, scenes, tile_px: int) -> dict[str, float]:
+def accuracy_by_objects(model, processor, scenes) -> dict[str, float]:
     items = []
     for s in scenes:
         for kind, question, answer in s.qa:
-            group = f"{kind}, {'1 object' if len(s.objects) == 1 else '2-3 objects'}"
+            group = f"{kind}, {'1 object' if len(s.objects) == 1 else '2+ objects'}"
             items.append((group, chat_example(processor, [(question, answer)], image=s.image)))
     return exact_match(model, items, processor.pad_token_id)
 
 
 @torch.no_grad()
-def selective_attention(model, processor, scenes, tile_px: int, kinds=("colour", "shape", "tile", "position")):
+def selective_attention(model, processor, scenes, kinds=("colour", "shape", "tile", "position")):
     """{(kind, offset, token, layer, head): [target mass, other mass, questions]} over multi-object scenes;
     offset counts question tokens back from the answer (-1 = the token that predicts it), so a template
     token that occurs twice (a newline) is two rows."""
-    image_id, layers = model.config.image_token_id, model.config.text.num_layers
+    config = model.config
+    image_id, layers = config.image_token_id, config.text.num_layers
     sums = defaultdict(lambda: np.zeros(3))
     for s in scenes:
         if len(s.objects) < 2:
             continue
-        objects = token_objects(s, tile_px, model.config.max_dynamic_patch)
+        objects = token_objects(s, config.vision.image_size, config.max_dynamic_patch, config.vision.patch_size)
         for kind, question, answer in s.qa:
             if kind not in kinds:
                 continue
@@ -94,18 +96,28 @@ def selective_attention(model, processor, scenes, tile_px: int, kinds=("colour",
             assert len(image_pos) == len(objects), (len(image_pos), len(objects))
             answer_at = next(k for k, label in enumerate(example.labels) if label != IGNORE)
             queries = list(range(int(image_pos[-1]) + 1, answer_at))  # question tokens up to the answer's
-            _, cache = run_with_cache(model, **batch.model_inputs(), pattern_queries=queries,
+            _, cache = run_with_cache(model, **batch.model_inputs(), pattern_queries=queries, pattern_keys=image_pos,
                                       names_filter=lambda n: n.startswith("language.") and n.endswith("hook_pattern"))
             target = target_object(s, kind, question)
             is_target, is_other = objects == target, (objects != target) & (objects > 0)
             for layer in range(layers):
-                pattern = cache[f"language.layers.{layer}.self_attn.hook_pattern"][0][..., image_pos].numpy()
+                pattern = cache[f"language.layers.{layer}.self_attn.hook_pattern"][0].numpy()  # [H, Q, image]
                 for q, position in enumerate(queries):
                     token = token_label(processor.tokenizer, int(ids[position]))
                     offset = position - answer_at
                     for head, row in enumerate(pattern[:, q]):
                         sums[(kind, offset, token, layer, head)] += (row[is_target].sum(), row[is_other].sum(), 1)
     return sums
+
+
+def selective_heads(sums, min_target: float = 0.15) -> dict[str, list[str]]:
+    """kind -> "'token'(offset) L<layer>H<head> target/other" for the rows whose mean target mass is at least
+    `min_target` and at least three times the other objects' mass."""
+    found = defaultdict(list)
+    for (kind, offset, token, layer, head), (target, other, n) in sorted(sums.items()):
+        if target / n >= min_target and target >= 3 * other:
+            found[kind].append(f"'{token}'({offset}) L{layer}H{head} {target / n:.2f}/{other / n:.2f}")
+    return found
 
 
 def main(argv=None) -> None:
@@ -124,17 +136,12 @@ def main(argv=None) -> None:
     else:
         model, processor = ivl3lab.load_toy()
     model = model.float().eval()
-    tile_px = model.config.vision.image_size
-    scenes = [scene("val", FIRST_SCENE + i, tile_px) for i in range(args.scenes)]
+    scenes = [scene("val", FIRST_SCENE + i, model.config.vision.image_size) for i in range(args.scenes)]
     print("exact match by number of objects (validation scenes):")
-    for group, value in sorted(accuracy_by_objects(model, processor, scenes, tile_px).items()):
+    for group, value in sorted(accuracy_by_objects(model, processor, scenes).items()):
         print(f"  {group[4:]:<26} {value:.2f}")
     print("\nselective attention on the asked-about object (question token, layer, head: target / other mass):")
-    sums = selective_attention(model, processor, scenes[:args.attention_scenes], tile_px)
-    found = defaultdict(list)
-    for (kind, offset, token, layer, head), (target, other, n) in sorted(sums.items()):
-        if target / n >= args.min_target and target >= 3 * other:
-            found[kind].append(f"'{token}'({offset}) L{layer}H{head} {target / n:.2f}/{other / n:.2f}")
+    found = selective_heads(selective_attention(model, processor, scenes[:args.attention_scenes]), args.min_target)
     for kind in ("colour", "shape", "tile", "position"):
         print(f"  {kind:<9}", "; ".join(found[kind]) if found[kind] else "no token selects the named object")
 

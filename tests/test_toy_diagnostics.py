@@ -41,14 +41,15 @@ def multi_object_scenes(n):
 def test_token_objects_match_the_image_tokens_and_cover_every_object(diag, toy):
     model, processor = toy
     for s in multi_object_scenes(3):
-        objects = diag.token_objects(s, 112, model.config.max_dynamic_patch)
+        objects = diag.token_objects(s, 112, model.config.max_dynamic_patch, model.config.vision.patch_size)
         ids = collate([chat_example(processor, [("How many objects are there?", "two")], image=s.image)],
                       processor.pad_token_id).input_ids[0]
         assert len(objects) == int((ids == model.config.image_token_id).sum())
         assert set(objects.tolist()) == set(range(len(s.objects) + 1))  # background and every object
-        grid_tokens = objects[:-16]  # the thumbnail (last 16) shrinks objects; a small one may cover no token centre
+        per_tile = processor.num_image_token
+        grid_tokens = objects[:-per_tile]  # the thumbnail shrinks objects: a small one may cover no token centre
         for k, obj in enumerate(s.objects, start=1):  # grid tiles row-major: an object's tokens lie in its tile
-            assert set((np.flatnonzero(grid_tokens == k) // 16 + 1).tolist()) == {obj.tile}
+            assert set((np.flatnonzero(grid_tokens == k) // per_tile + 1).tolist()) == {obj.tile}
 
 
 def test_target_object_is_the_one_the_question_names(diag):
@@ -77,20 +78,26 @@ def test_a_head_that_finds_the_named_object_is_reported(diag, toy, monkeypatch):
         s = scenes[len(calls)]  # one colour question per scene, visited in order
         calls.append(kwargs["input_ids"][0, pattern_queries[-1]])
         question = next(q for k, q, _ in s.qa if k == "colour")
-        objects = torch.as_tensor(diag.token_objects(s, 112, model.config.max_dynamic_patch))
+        objects = torch.as_tensor(diag.token_objects(s, 112, model.config.max_dynamic_patch,
+                                                     model.config.vision.patch_size))
         image_pos = (kwargs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-        pattern = cache["language.layers.2.self_attn.hook_pattern"]
+        pattern = cache["language.layers.2.self_attn.hook_pattern"]  # [1, H, Q, image tokens]
+        assert pattern.shape[-1] == len(image_pos)
         pattern[0, 3, -1] = 0.0
-        on_target = image_pos[objects == diag.target_object(s, "colour", question)]
-        pattern[0, 3, -1, on_target] = 1.0 / len(on_target)
+        on_target = objects == diag.target_object(s, "colour", question)
+        pattern[0, 3, -1, on_target] = 1.0 / int(on_target.sum())
         return out, cache
 
     monkeypatch.setattr(diag, "run_with_cache", fake)
-    sums = diag.selective_attention(model, processor, scenes, 112, kinds=("colour",))
+    sums = diag.selective_attention(model, processor, scenes, kinds=("colour",))
     assert len(calls) == len(scenes)
     last_token = diag.token_label(processor.tokenizer, int(calls[0]))
     hits = [key for key, (target, other, n) in sums.items() if target / n > 0.99 and other == 0]
     assert hits == [("colour", -1, last_token, 2, 3)], hits
+    report = diag.selective_heads(sums)["colour"]  # the report lists the planted head, and only rows that pass
+    assert f"'{last_token}'(-1) L2H3 1.00/0.00" in report
+    passing = {k for k, (t, o, n) in sums.items() if t / n >= 0.15 and t >= 3 * o}
+    assert len(report) == len(passing) and len(passing) < len(sums)
 
 
 def test_accuracy_by_objects_splits_exact_match_by_object_count(diag, toy):
@@ -98,12 +105,12 @@ def test_accuracy_by_objects_splits_exact_match_by_object_count(diag, toy):
 
     model, processor = toy
     scenes = [scene("val", 910_000 + i) for i in range(12)]
-    split = diag.accuracy_by_objects(model, processor, scenes, 112)
-    assert {key.split(", ")[1] for key in split} <= {"1 object", "2-3 objects"}
+    split = diag.accuracy_by_objects(model, processor, scenes)
+    assert {key.split(", ")[1] for key in split} <= {"1 object", "2+ objects"}
     counts = {}
     for s in scenes:
         for kind, _, _ in s.qa:
-            key = f"acc_{kind}, {'1 object' if len(s.objects) == 1 else '2-3 objects'}"
+            key = f"acc_{kind}, {'1 object' if len(s.objects) == 1 else '2+ objects'}"
             counts[key] = counts.get(key, 0) + 1
     assert set(split) == set(counts)
     items = [(kind, chat_example(processor, [(q, a)], image=s.image)) for s in scenes for kind, q, a in s.qa]

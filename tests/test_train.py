@@ -438,11 +438,13 @@ def test_object_list_puts_colour_after_shape_and_tile_after_colour():
     """The order is the point: the shape word must predict the colour (finding an object by its shape)."""
     from ivl3lab.train.toyworld import object_list
 
+    assert object_list(scene("train", 0)) == "The objects: cross yellow 5, star blue 3, square green 6."
     for i in range(30):
         s = scene("train", i)
-        words = object_list(s).removeprefix("The objects: ").rstrip(".").split(", ")
-        left_to_right = sorted(s.objects, key=lambda o: o.cx)
-        assert words == [f"{o.shape} {o.colour} {o.tile}" for o in left_to_right]
+        items = object_list(s).removeprefix("The objects: ").rstrip(".").split(", ")
+        named = [next(o for o in s.objects if o.shape == item.split()[0]) for item in items]
+        assert len(named) == len(s.objects) and all(a.cx < b.cx for a, b in zip(named, named[1:]))  # left to right
+        assert all(item.split()[1:] == [o.colour, str(o.tile)] for item, o in zip(items, named))
 
 
 def test_toy_conversations_carry_the_object_list_unless_turned_off(tiny):
@@ -460,11 +462,10 @@ def test_toy_conversations_carry_the_object_list_unless_turned_off(tiny):
             assert s.caption in supervised
 
 
-def test_pretrain_freezes_the_warmed_up_vit_unless_told_not_to(tmp_path, monkeypatch):
+def test_pretrain_freezes_the_warmed_up_vit_and_resumes_only_with_the_same_settings(tmp_path, monkeypatch):
     """After the warm-up the multimodal stage trains the projector and the LLM only (--freeze-vision, the
-    default); --no-freeze-vision trains all three."""
-    from safetensors.torch import load_file
-
+    default); --no-freeze-vision trains all three. A resumed run keeps its ViT frozen, and a resume that asks
+    for other settings (or an old run without recorded settings) stops with a message that names the flags."""
     from ivl3lab.train import pretrain
 
     warmed = {}
@@ -475,13 +476,23 @@ def test_pretrain_freezes_the_warmed_up_vit_unless_told_not_to(tmp_path, monkeyp
         warmed[len(warmed)] = {k: v.clone() for k, v in model.vision.state_dict().items()}
         return log
 
+    def vision_unchanged(run, out):
+        after, _ = ivl3lab.load_pretrained(out / "model")
+        return all(torch.equal(v, after.vision.state_dict()[k]) for k, v in warmed[run].items())
+
     monkeypatch.setattr(pretrain, "warm_up_vision", recording_warm_up)
-    args = ["--steps", "2", "--batch-size", "2", "--warmup", "1", "--eval-every", "0", "--ckpt-every", "0",
-            "--no-progress", "--max-objects", "2", "--vision-warmup-steps", "1", "--device", "cpu"]
-    for run, flag in enumerate(("--freeze-vision", "--no-freeze-vision")):
-        pretrain.main(["--out", str(tmp_path / flag), *args, flag])
-        saved = load_file(tmp_path / flag / "model" / "model.safetensors")
-        after, _ = ivl3lab.load_pretrained(tmp_path / flag / "model")
-        vision_same = all(torch.equal(v, after.vision.state_dict()[k]) for k, v in warmed[run].items())
-        assert vision_same == (flag == "--freeze-vision")
-        assert saved  # the final model was written in the original format
+    args = ["--batch-size", "2", "--warmup", "1", "--eval-every", "0", "--ckpt-every", "1", "--no-progress",
+            "--max-objects", "2", "--vision-warmup-steps", "1", "--device", "cpu"]
+    frozen, trained = tmp_path / "frozen", tmp_path / "trained"
+    pretrain.main(["--out", str(frozen), "--steps", "2", *args])
+    pretrain.main(["--out", str(trained), "--steps", "2", *args, "--no-freeze-vision"])
+    assert vision_unchanged(0, frozen) and not vision_unchanged(1, trained)
+    history = pretrain.main(["--out", str(frozen), "--steps", "3", *args])  # resumes at step 2
+    assert [r["step"] for r in history] == [3] and vision_unchanged(0, frozen)
+    with pytest.raises(SystemExit, match="--no-freeze-vision"):
+        pretrain.main(["--out", str(trained), "--steps", "3", *args])
+    with pytest.raises(SystemExit, match="`--vision-warmup-steps 1 --listing`"):
+        pretrain.main(["--out", str(frozen), "--steps", "4", *args, "--no-listing"])
+    (trained / pretrain.SETTINGS).unlink()  # as if made before the settings were recorded
+    with pytest.raises(SystemExit, match="--no-freeze-vision --no-listing"):
+        pretrain.main(["--out", str(trained), "--steps", "3", *args, "--no-freeze-vision"])

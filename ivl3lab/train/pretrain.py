@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32, help="global batch (all ranks, all micro-batches)")
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lr-vision", type=float, default=3e-3, help="the from-scratch ViT learns faster with more")
+    ap.add_argument("--lr-vision", type=float, default=3e-3,
+                    help="the from-scratch ViT learns faster with more (used when the ViT trains: no warm-up, "
+                         "or --no-freeze-vision)")
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--text-ratio", type=float, default=0.25, help="share of text-only samples (1:3 -> 0.25)")
     ap.add_argument("--loss-reduction", default="square", choices=("token", "sample", "square"))
@@ -84,6 +86,27 @@ def save_final_model(model, args, processor, directory: Path, rank: int) -> None
         model.save_pretrained(directory, format="original", processor=processor)
 
 
+SETTINGS = "run_settings.json"
+
+
+def run_settings(args: argparse.Namespace, out: Path, resuming: bool) -> dict:
+    """What a run must keep from start to finish: whether the ViT trains (it sets the optimizer's parameter
+    groups) and whether conversations carry the object list (it sets the data). A fresh run records them; a
+    resumed one must ask for the same, or it stops with a clear message instead of torch's optimizer error."""
+    wanted = {"freeze_vision": bool(args.freeze_vision and args.vision_warmup_steps), "listing": args.listing}
+    if not resuming:
+        return wanted
+    path = out / SETTINGS
+    # runs made before these options trained the ViT and had no object list
+    found = json.loads(path.read_text()) if path.exists() else {"freeze_vision": False, "listing": False}
+    if found != wanted:
+        flags = " ".join([f"--vision-warmup-steps {max(args.vision_warmup_steps, 1)}" if found["freeze_vision"]
+                          else "--no-freeze-vision", "--listing" if found["listing"] else "--no-listing"])
+        raise SystemExit(f"{out} was started with {found}, this command asks for {wanted}: resume it with "
+                         f"`{flags}` (the warm-up is not rerun on resume), or start a new --out")
+    return found
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
@@ -103,13 +126,17 @@ def main(argv=None) -> list[dict]:
                       ckpt_every=args.ckpt_every, seed=args.seed)
     out = Path(args.out)
     resuming = (out / "latest").exists()
+    settings = run_settings(args, out, resuming)
     if args.vision_warmup_steps and not resuming:  # every rank runs the same seeded warm-up, before any sharding
         warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed,
                                 position_weight=args.vision_position_weight)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))
-    if args.freeze_vision and args.vision_warmup_steps:  # also on resume: checkpoints hold no ViT optimizer state
+    if rank == 0 and not resuming:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SETTINGS).write_text(json.dumps(settings))
+    if settings["freeze_vision"]:  # before the optimizer (and DDP / FSDP) see the parameters
         set_trainable(model, vision=False)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard

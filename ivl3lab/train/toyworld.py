@@ -8,8 +8,8 @@ Design choices that make every question type learnable (measured in docs/toy_res
 - captions name every object with its colour, shape and tile, which gives dense supervision for all the
   facts the questions ask about;
 - an object list ("The objects: star red 2, circle blue 1") puts each object's colour right after its shape
-  word and its tile right after its colour word, so predicting the next word teaches one attention head to
-  find an object by its shape and read its colour: without it, "What color is the star?" stayed at the
+  word and its tile right after its colour word, so predicting the next word teaches attention heads to find
+  an object by its shape and read its colour: without it, "What color is the star?" stayed at the
   "name any colour in the picture" level in every run (docs/toy_results.md);
 - aspect ratios vary (1:1, 2:1, 1:2, 3:1, 3:2 ...) so dynamic tiling yields 1 to 7 tiles, and each object
   lies inside one grid tile so "which tile" has a clean answer.
