@@ -15,16 +15,14 @@ bf16 peak.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location("bench_inference", Path(__file__).with_name("bench_inference.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package; loaded by path in tests
+import bench_inference as bench  # noqa: E402
 
 from ivl3lab.train.losses import chunked_loss_sums, token_weights  # noqa: E402
 

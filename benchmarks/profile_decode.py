@@ -9,7 +9,7 @@ below, the GPU idles between steps (host work, launches).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -17,9 +17,8 @@ import torch
 
 import ivl3lab
 
-_spec = importlib.util.spec_from_file_location("bench_inference", Path(__file__).with_name("bench_inference.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package; loaded by path in tests
+import bench_inference as bench  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -24,31 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ivl3lab.hooks import run_with_cache  # noqa: E402
-from ivl3lab.processing.images import dynamic_preprocess  # noqa: E402
 from ivl3lab.train.data import IGNORE, chat_example, collate  # noqa: E402
 from ivl3lab.train.toy import exact_match  # noqa: E402
-from ivl3lab.train.toyworld import label_map, scene  # noqa: E402
+from ivl3lab.train.toyworld import scene  # noqa: E402
+from ivl3lab.train.vision_warmup import object_grid  # noqa: E402
 
 FIRST_SCENE = 500_000  # validation-split scene indices: far from the ones the training evaluations use
 
 
 def token_objects(s, tile_px: int, max_tiles: int, patch: int) -> np.ndarray:
     """For each image token of the scene (tiles row-major, thumbnail last), the object under its centre
-    (0 = background, k = s.objects[k - 1]); `patch` is the ViT patch size."""
-    _, layout = dynamic_preprocess(s.image, 1, max_tiles, tile_px, use_thumbnail=True)
-    labels = label_map(s)
-    crops = [labels.crop(((k % layout.cols) * tile_px, (k // layout.cols) * tile_px,
-                          (k % layout.cols + 1) * tile_px, (k // layout.cols + 1) * tile_px))
-             for k in range(layout.cols * layout.rows)]
-    if layout.has_thumbnail:
-        crops.append(labels.resize((tile_px, tile_px), Image.NEAREST))
-    side = tile_px // patch // 2  # LLM tokens per tile side after the 2x2 pixel-unshuffle
-    return np.concatenate([np.asarray(c.resize((side, side), Image.NEAREST)).flatten() for c in crops])
+    (0 = background, k = s.objects[k - 1]); `patch` is the ViT patch size, and a token merges 2x2 patches."""
+    return object_grid(s, tile_px, tile_px // patch // 2, max_tiles)[1].flatten().numpy()
 
 
 def target_object(s, kind: str, question: str) -> int:

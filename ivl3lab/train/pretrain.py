@@ -133,9 +133,6 @@ def main(argv=None) -> list[dict]:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))
-    if rank == 0 and not resuming:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SETTINGS).write_text(json.dumps(settings))
     if settings["freeze_vision"]:  # before the optimizer (and DDP / FSDP) see the parameters
         set_trainable(model, vision=False)
     if args.fsdp:
@@ -150,6 +147,7 @@ def main(argv=None) -> list[dict]:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        (out / SETTINGS).write_text(json.dumps(settings))  # on resume: the same settings (run_settings checked)
     history = trainer.fit(progress=not args.no_progress)
     save_final_model(model, args, processor, out / "model", rank)
     if dist.is_initialized():

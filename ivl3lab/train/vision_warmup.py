@@ -28,11 +28,12 @@ SEED_BASE = 10_000_000  # its own seed range: never the train/val/test scenes of
 TEST_SEED = 99_000_000
 
 
-def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
-    """Tiles of one scene exactly as the model sees them, with per-patch labels.
+def object_grid(scene, tile_px: int, side: int, max_tiles: int = 6):
+    """The scene's tiles exactly as the model sees them (grid tiles row-major, thumbnail last) and, per tile, a
+    side x side grid of the object under each cell's centre: 0 is background, k is scene.objects[k - 1].
+    side = S / patch gives one cell per ViT patch, S / patch / 2 one per LLM image token.
 
-    Returns (pixel_values [T, 3, S, S], shape ids [T, g*g], colour ids [T, g*g]) with g = S / patch; 0 is
-    background, k > 0 is SHAPES[k - 1] / list(COLOURS)[k - 1]."""
+    Returns (PIL tiles, object indices [T, side * side])."""
     tiles, layout = dynamic_preprocess(scene.image, 1, max_tiles, tile_px, use_thumbnail=True)
     labels = label_map(scene)
     if labels.size != (layout.cols * tile_px, layout.rows * tile_px):
@@ -43,12 +44,20 @@ def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
                    for k in range(layout.cols * layout.rows)]
     if layout.has_thumbnail:
         label_tiles.append(labels.resize((tile_px, tile_px), Image.NEAREST))
-    grid = tile_px // patch
+    # resizing a tile to side x side with NEAREST samples each cell near its centre
+    objects = torch.stack([torch.from_numpy(np.asarray(t.resize((side, side), Image.NEAREST), dtype=np.int64)).flatten()
+                           for t in label_tiles])  # [T, side * side]
+    return tiles, objects
+
+
+def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
+    """Tiles of one scene exactly as the model sees them, with per-patch labels.
+
+    Returns (pixel_values [T, 3, S, S], shape ids [T, g*g], colour ids [T, g*g]) with g = S / patch; 0 is
+    background, k > 0 is SHAPES[k - 1] / list(COLOURS)[k - 1]."""
+    tiles, objects = object_grid(scene, tile_px, tile_px // patch, max_tiles)  # [T, g*g] object index per patch
     shape_of = torch.tensor([0] + [SHAPES.index(o.shape) + 1 for o in scene.objects])
     colour_of = torch.tensor([0] + [list(COLOURS).index(o.colour) + 1 for o in scene.objects])
-    # NEAREST keeps object ids intact; resizing a tile to grid x grid samples each patch near its centre
-    objects = torch.stack([torch.from_numpy(np.asarray(t.resize((grid, grid), Image.NEAREST), dtype=np.int64)).flatten()
-                           for t in label_tiles])  # [T, g*g] object index per patch
     return tiles_to_tensor(tiles), shape_of[objects], colour_of[objects]  # [T, 3, S, S], [T, g*g], [T, g*g]
 
 
