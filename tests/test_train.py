@@ -2,6 +2,7 @@
 freezing, V2PE, the toy world and its evaluation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from ivl3lab.train.loop import NonFiniteLoss, Trainer, TrainConfig, lr_factor, s
 from ivl3lab.train.losses import lm_loss, loss_sums, token_weights
 from ivl3lab.train.sft import set_trainable, trainable_report
 from ivl3lab.train.toy import ToyData, eval_items, exact_match
-from ivl3lab.train.toyworld import QUESTION_TYPES, scene
+from ivl3lab.train.toyworld import QUESTION_TYPES, label_map, scene
 from ivl3lab.train.v2pe import v2pe_position_ids
 
 
@@ -343,6 +344,7 @@ def test_vision_warmup_trains_only_the_vision_tower():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     log = warm_up_vision(model, steps=3, batch_size=4, log_every=3)
     assert log[-1]["step"] == 3 and 0 <= log[-1]["vision_acc_shape"] <= 1
+    assert 0 <= log[-1]["vision_acc_tile"] <= 1 and 0 <= log[-1]["vision_acc_x"] <= 1  # the where-targets
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("vision.") for n in changed)
 
@@ -382,6 +384,56 @@ def test_dense_vision_labels_match_the_drawn_objects():
         assert colours[obj.tile - 1, row * 8 + col] == list(COLOURS).index(obj.colour) + 1
     in_thumbnail = set(shapes[3].unique().tolist()) - {0}
     assert in_thumbnail <= {SHAPES.index(o.shape) + 1 for o in s.objects} and in_thumbnail
+
+
+def test_tiles_carry_their_number_and_the_light_falls_from_the_left():
+    """What lets a ViT that sees one tile at a time say where a tile is: its number printed in the top-left
+    corner (kept clear of objects) and a background that darkens from left to right over the whole image."""
+    from ivl3lab.train.toyworld import LABEL_BOX, TILE_NUMBER_INK
+
+    numbered = single = 0
+    for i in range(40):
+        s = scene("test", i)
+        cols, rows = s.grid
+        pixels = np.asarray(s.image)
+        for k in range(cols * rows):
+            x0, y0, box = (k % cols) * 112, (k // cols) * 112, int(LABEL_BOX * 112)
+            corner = pixels[y0:y0 + box, x0:x0 + box]
+            ink = (corner == TILE_NUMBER_INK).all(-1).sum()
+            assert (ink > 10) == (cols * rows > 1), (i, k, ink)
+            numbered += cols * rows > 1
+            single += cols * rows == 1
+        for o in s.objects:  # objects keep out of the number's box
+            tx, ty = (o.tile - 1) % cols * 112, (o.tile - 1) // cols * 112
+            assert o.cx - o.size - tx > LABEL_BOX * 112 or o.cy - o.size - ty > LABEL_BOX * 112
+        mask = np.asarray(label_map(s)) == 0  # background pixels
+        grey = pixels[..., 0].astype(float)
+        left = grey[:, :s.image.width // 4][mask[:, :s.image.width // 4]].mean()
+        right = grey[:, -s.image.width // 4:][mask[:, -s.image.width // 4:]].mean()
+        assert left > right + 40, (i, left, right)
+    assert numbered and single
+    # the same digits, so the same pixels, wherever the tile is: the seven-segment "1" differs from the "2"
+    s = next(scene("test", i) for i in range(40) if scene("test", i).grid == (2, 1))
+    pixels = np.asarray(s.image)
+    ones, twos = [(pixels[y:y + 14, x:x + 14] == TILE_NUMBER_INK).all(-1) for x, y in ((0, 0), (112, 0))]
+    assert ones.sum() and twos.sum() and not np.array_equal(ones, twos)
+
+
+def test_where_labels_number_the_tiles_and_bin_x_over_the_whole_image():
+    from ivl3lab.train.vision_warmup import X_BINS, where_labels
+
+    s = next(scene("train", i) for i in range(40) if scene("train", i).grid == (3, 2))
+    numbers, xs = where_labels(s, 8)
+    assert numbers.shape == xs.shape == (7, 64)  # 6 tiles + thumbnail
+    assert numbers[:6, 0].tolist() == list(range(6)) and (numbers[6] == -100).all()
+    assert (numbers[:6] == numbers[:6, :1]).all()  # every patch of a tile carries its number
+    row = xs[:, :8]  # the first row of patches of every tile
+    assert row[0].tolist() == sorted(row[0].tolist()) and row[1, 0] > row[0, -1] - 1  # left to right
+    assert row[0, 0] == 0 and row[2, -1] == X_BINS - 1 and row[3].tolist() == row[0].tolist()  # tile 4 under 1
+    assert row[6].tolist() == [int((c + 0.5) / 8 * X_BINS) for c in range(8)]  # the thumbnail spans the width
+    single = next(scene("train", i) for i in range(40) if scene("train", i).grid == (1, 1))
+    numbers, xs = where_labels(single, 8)
+    assert numbers.shape == (1, 64) and (numbers == -100).all() and xs[0, :8].tolist() == list(range(8))
 
 
 def test_scene_layout_does_not_depend_on_the_tile_size():
@@ -438,7 +490,7 @@ def test_object_list_puts_colour_after_shape_and_tile_after_colour():
     """The order is the point: the shape word must predict the colour (finding an object by its shape)."""
     from ivl3lab.train.toyworld import object_list
 
-    assert object_list(scene("train", 0)) == "The objects: cross yellow 5, star blue 3, square green 6."
+    assert object_list(scene("train", 0)) == "The objects: cross yellow 2, triangle blue 5."
     for i in range(30):
         s = scene("train", i)
         items = object_list(s).removeprefix("The objects: ").rstrip(".").split(", ")

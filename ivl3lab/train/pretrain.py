@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="after a warm-up, train only the projector and the LLM (the warmed-up ViT stays as it is)")
     ap.add_argument("--listing", action=argparse.BooleanOptionalAction, default=True,
                     help="add the object list ('The objects: star red 2, ...') to every image conversation")
-    ap.add_argument("--vision-position-weight", type=float, default=0.0,
-                    help="weight of the warm-up's per-patch column target (keeps left/right readable)")
+    ap.add_argument("--vision-position-weight", type=float, default=1.0,
+                    help="weight of the warm-up's where-targets: each patch's tile number and x bin (0 = off)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-per-type", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=250)

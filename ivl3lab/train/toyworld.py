@@ -12,7 +12,13 @@ Design choices that make every question type learnable (measured in docs/toy_res
   an object by its shape and read its colour: without it, "What color is the star?" stayed at the
   "name any colour in the picture" level in every run (docs/toy_results.md);
 - aspect ratios vary (1:1, 2:1, 1:2, 3:1, 3:2 ...) so dynamic tiling yields 1 to 7 tiles, and each object
-  lies inside one grid tile so "which tile" has a clean answer.
+  lies inside one grid tile so "which tile" has a clean answer;
+- the world shows where things are, because InternVL's ViT sees one tile at a time and has no tile embedding:
+  each tile carries its number in its top-left corner (a seven-segment digit, like a map's grid references),
+  and the light falls from the left (the background darkens linearly from left to right over the whole image,
+  thumbnail included). Without them a tile's tokens do not know which tile, or how far right, they are, and
+  "which tile" / "left or right" stayed near chance on scenes with several objects in every run of sessions
+  1-5; with them both are learned (docs/toy_results.md).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from ..processing.images import choose_grid
@@ -33,6 +40,8 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 # canvas aspect (cols, rows) in tiles; tiling picks the same grid, so object tiles are known exactly
 GRIDS = ((1, 1), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (3, 2), (2, 3))
 QUESTION_TYPES = ("colour", "shape", "count", "position", "tile")
+LIGHT_LEFT, LIGHT_RIGHT = 250.0, 150.0  # background brightness at the left and right edges
+TILE_NUMBER_INK = (40, 40, 40)
 SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_029}  # disjoint seed ranges per split
 
 
@@ -79,20 +88,46 @@ def _draw(draw: ImageDraw.ImageDraw, obj: Obj, fill=None) -> None:
 
 
 def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
-    level = rng.randint(200, 250)
-    image = Image.new("RGB", size, (level, level, level))
+    """Grey, lit from the left: brightness falls linearly with x over the whole image (LIGHT_LEFT to
+    LIGHT_RIGHT), so every patch (of a tile or of the thumbnail) can tell how far right it lies; light stripes
+    or a checker on 40 % of the images."""
+    width, height = size
+    offset = rng.randint(-8, 8)
+    ramp = np.linspace(LIGHT_LEFT, LIGHT_RIGHT, width) + offset  # [W]
+    level = np.repeat(ramp[None, :], height, axis=0)  # [H, W]
     textured, rng = rng.random() < 0.4, random.Random(rng.random())  # texture draws come from their own stream,
-    if textured:  # so the scene's layout does not depend on the image size; light stripes or a checker
-        draw = ImageDraw.Draw(image)
+    if textured:  # so the scene's layout does not depend on the image size
+        mask = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(mask)
         step = rng.choice((16, 24, 32))
-        shade = (level - 18,) * 3
         for k in range(0, max(size) * 2, step * 2):
             if rng.random() < 0.5:
-                draw.line((k, 0, k - size[1], size[1]), fill=shade, width=step // 3)
+                draw.line((k, 0, k - height, height), fill=1, width=step // 3)
             else:
-                draw.rectangle((k % size[0], (k // 2) % size[1], k % size[0] + step, (k // 2) % size[1] + step),
-                               fill=shade)
-    return image
+                draw.rectangle((k % width, (k // 2) % height, k % width + step, (k // 2) % height + step), fill=1)
+        level = level - 14 * np.asarray(mask, dtype=np.float64)
+    grey = np.clip(level, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([grey] * 3, axis=-1), "RGB")
+
+
+# seven-segment digits: which of the segments (top, upper left, upper right, middle, lower left, lower right,
+# bottom) are lit
+_SEGMENTS = {1: "..r..r.", 2: "t.rml.b", 3: "t.rm.rb", 4: ".lrm.r.", 5: "tl.m.rb", 6: "tl.mlrb", 7: "t.r..r.",
+             8: "tlrmlrb", 9: "tlrm.rb"}
+LABEL_BOX = 0.13  # the tile number sits in the top-left LABEL_BOX x LABEL_BOX of its tile; objects keep out
+
+
+def _draw_tile_number(draw: ImageDraw.ImageDraw, number: int, x0: float, y0: float, tile_px: int) -> None:
+    """The tile's number in its top-left corner, as a seven-segment digit (no font needed), like the grid
+    references printed on a map."""
+    x0, y0 = x0 + 0.025 * tile_px, y0 + 0.02 * tile_px
+    w, h, t = 0.06 * tile_px, 0.09 * tile_px, max(1.0, 0.017 * tile_px)  # digit width, height, stroke
+    segments = {0: (x0, y0, x0 + w, y0 + t), 1: (x0, y0, x0 + t, y0 + h / 2), 2: (x0 + w - t, y0, x0 + w, y0 + h / 2),
+                3: (x0, y0 + (h - t) / 2, x0 + w, y0 + (h + t) / 2), 4: (x0, y0 + h / 2, x0 + t, y0 + h),
+                5: (x0 + w - t, y0 + h / 2, x0 + w, y0 + h), 6: (x0, y0 + h - t, x0 + w, y0 + h)}
+    for k, lit in enumerate(_SEGMENTS[number]):
+        if lit != ".":
+            draw.rectangle(segments[k], fill=TILE_NUMBER_INK)
 
 
 def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None,
@@ -118,10 +153,14 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shap
             r = rng.uniform(0.26, 0.4) * tile_px  # objects span ~4-6 patches of a 112-px tile
             tx, ty = (tile % cols) * tile_px, (tile // cols) * tile_px
             cx, cy = tx + rng.uniform(r, tile_px - r), ty + rng.uniform(r, tile_px - r)
-            if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (r + o.size + 4) ** 2 for o in objects):
+            clear_of_number = (cx - r - tx > LABEL_BOX * tile_px) or (cy - r - ty > LABEL_BOX * tile_px)
+            if clear_of_number and all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (r + o.size + 4) ** 2 for o in objects):
                 objects.append(Obj(shape, colour, cx, cy, r, tile + 1))
                 break
     draw = ImageDraw.Draw(image)
+    if cols * rows > 1:  # "which tile" is only asked when there are several
+        for tile in range(cols * rows):
+            _draw_tile_number(draw, tile + 1, (tile % cols) * tile_px, (tile // cols) * tile_px, tile_px)
     for obj in objects:
         _draw(draw, obj)
     scene = Scene(image, objects, (cols, rows))

@@ -10,6 +10,11 @@ Why dense: the LLM answers "What color is the star?" by finding the tokens of th
 so every image token must carry *both* facts of its own object. An earlier warm-up classified mean-pooled
 single-object tiles; shape became readable but, in scenes with two or three objects, colour questions fell to
 0.44 (docs/toy_results.md) — the pooled objective never asked a token to bind its object's shape to its colour.
+
+Two more per-patch targets say *where* a patch is: the number printed in its tile, and its x over the whole
+image (read from the light, which falls from the left). The ViT sees one tile at a time, so this is the only way
+a token of the named object can carry which tile it is in and how far right it lies, which "which tile" and
+"left or right of" need (toyworld's module docstring).
 """
 from __future__ import annotations
 
@@ -50,6 +55,25 @@ def object_grid(scene, tile_px: int, side: int, max_tiles: int = 6):
     return tiles, objects
 
 
+X_BINS = 8  # the warm-up's "how far right" target: the patch centre's x over the image width, in eighths
+
+
+def where_labels(scene, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile (grid tiles row-major, thumbnail last) and per cell of a side x side grid: the number printed in
+    the tile (0-based; -100 where none can be read: the thumbnail, single-tile images) and the cell's x bin
+    over the whole image (0..X_BINS-1; the thumbnail spans the whole width). Returns two [T, side * side]."""
+    cols, rows = scene.grid
+    column_in_tile = (torch.arange(side * side) % side + 0.5) / side  # [side*side], 0..1 across one tile
+    numbers, xs = [], []
+    for k in range(cols * rows):
+        numbers.append(torch.full((side * side,), k if cols * rows > 1 else -100))
+        xs.append(((k % cols + column_in_tile) / cols * X_BINS).long())
+    if cols * rows > 1:  # the thumbnail: the whole image squeezed into one tile
+        numbers.append(torch.full((side * side,), -100))
+        xs.append((column_in_tile * X_BINS).long())
+    return torch.stack(numbers), torch.stack(xs)
+
+
 def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
     """Tiles of one scene exactly as the model sees them, with per-patch labels.
 
@@ -62,14 +86,18 @@ def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
 
 
 def scene_tiles(start: int, n: int, tile_px: int, patch: int, max_objects: int = 3):
-    """At least n tiles (with their labels) from consecutive warm-up scenes; returns (x, shapes, colours, next)."""
-    xs, shapes, colours, index = [], [], [], start
+    """At least n tiles from consecutive warm-up scenes, with their per-patch labels; returns (x, labels, next),
+    labels = {"shape", "colour", "tile", "x"}, each [n, g*g] (see patch_labels and where_labels)."""
+    xs, labels, index = [], {"shape": [], "colour": [], "tile": [], "x": []}, start
     while sum(len(x) for x in xs) < n:
         s = make_scene(SEED_BASE + index, tile_px, max_objects=max_objects)
         index += 1
         x, shape, colour = patch_labels(s, tile_px, patch)
-        xs.append(x), shapes.append(shape), colours.append(colour)
-    return torch.cat(xs)[:n], torch.cat(shapes)[:n], torch.cat(colours)[:n], index
+        tile, column = where_labels(s, tile_px // patch)
+        xs.append(x)
+        for name, value in zip(labels, (shape, colour, tile, column)):
+            labels[name].append(value)
+    return torch.cat(xs)[:n], {name: torch.cat(v)[:n] for name, v in labels.items()}, index
 
 
 def _foreground_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,38 +105,46 @@ def _foreground_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return ((logits.argmax(-1) == labels) & foreground).sum().item() / max(int(foreground.sum()), 1)
 
 
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    known = labels != -100
+    return ((logits.argmax(-1) == labels) & known).sum().item() / max(int(known.sum()), 1)
+
+
 def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                    log_every: int = 50, max_objects: int = 3, background_weight: float = 0.1,
-                   position_weight: float = 0.0) -> list[dict]:
-    """Train `model.vision` (only) on dense shape + colour labels; returns the log. The heads are dropped.
+                   position_weight: float = 1.0) -> list[dict]:
+    """Train `model.vision` (only) on dense labels; returns the log. The heads are dropped.
 
-    Logged accuracies are over object patches of held-out scenes (background patches are easy and excluded)."""
+    Per patch: shape and colour of the object under it (background weighted down), and, with `position_weight`,
+    where it is: the number printed in its tile and its x bin over the whole image (where_labels). The ViT sees
+    one tile at a time, so those two come only from what the toy world draws (tile numbers, the light falling
+    from the left); the LLM then finds them in the named object's tokens for "which tile" and "left or right".
+    Logged shape/colour accuracies are over object patches of held-out scenes (background patches are easy and
+    excluded); tile and x accuracies over all patches that have them."""
     torch.manual_seed(seed)
     random.seed(seed)
     vision = model.vision.train()
     cfg = model.config.vision
     device = next(vision.parameters()).device
-    grid = cfg.image_size // cfg.patch_size
     heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(cfg.hidden_size, len(SHAPES) + 1),
                                  "colour": torch.nn.Linear(cfg.hidden_size, len(COLOURS) + 1),
-                                 "column": torch.nn.Linear(cfg.hidden_size, grid)}).to(device)
-    column = torch.arange(grid * grid, device=device) % grid  # [g*g]: each patch's column, left to right
+                                 "tile": torch.nn.Linear(cfg.hidden_size, 6),
+                                 "x": torch.nn.Linear(cfg.hidden_size, X_BINS)}).to(device)
     params = list(vision.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    test_x, test_shape, test_colour, _ = scene_tiles(TEST_SEED, 128, cfg.image_size, cfg.patch_size, max_objects)
+    test_x, test_labels, _ = scene_tiles(TEST_SEED, 128, cfg.image_size, cfg.patch_size, max_objects)
     index, log, start = seed * 1_000_000, [], time.perf_counter()
+    weight = torch.ones(max(len(SHAPES), len(COLOURS)) + 1, device=device)
+    weight[0] = background_weight  # background patches are most patches, and the easy ones
     for step in range(1, steps + 1):
-        x, shape, colour, index = scene_tiles(index, batch_size, cfg.image_size, cfg.patch_size, max_objects)
-        features = vision(x.to(device))[:, 1:]  # [B, g*g, C]: the patch tokens, as the projector sees them
-        weight = torch.ones(max(len(SHAPES), len(COLOURS)) + 1, device=device)
-        weight[0] = background_weight  # background patches are most patches, and the easy ones
-        loss = F.cross_entropy(heads["shape"](features).flatten(0, 1), shape.flatten().to(device),
-                               weight=weight[:len(SHAPES) + 1]) + \
-            F.cross_entropy(heads["colour"](features).flatten(0, 1), colour.flatten().to(device),
-                            weight=weight[:len(COLOURS) + 1])
-        if position_weight:  # keep "where in the tile" readable from every token (left/right questions)
-            loss = loss + position_weight * F.cross_entropy(heads["column"](features).flatten(0, 1),
-                                                            column.repeat(len(features)))
+        x, labels, index = scene_tiles(index, batch_size, cfg.image_size, cfg.patch_size, max_objects)
+        labels = {name: value.flatten().to(device) for name, value in labels.items()}
+        features = vision(x.to(device))[:, 1:].flatten(0, 1)  # [B*g*g, C]: patch tokens, as the projector sees them
+        loss = F.cross_entropy(heads["shape"](features), labels["shape"], weight=weight[:len(SHAPES) + 1]) + \
+            F.cross_entropy(heads["colour"](features), labels["colour"], weight=weight[:len(COLOURS) + 1])
+        if position_weight:
+            loss = loss + position_weight * (F.cross_entropy(heads["tile"](features), labels["tile"]) +
+                                             F.cross_entropy(heads["x"](features), labels["x"]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,11 +152,15 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
             with torch.no_grad():
                 features = vision.eval()(test_x.to(device))[:, 1:].cpu()
                 vision.train()
-                acc_shape = _foreground_accuracy(heads["shape"].cpu()(features), test_shape)
-                acc_colour = _foreground_accuracy(heads["colour"].cpu()(features), test_colour)
+                heads.cpu()
+                entry = {"step": step, "loss": loss.item(),
+                         "vision_acc_shape": _foreground_accuracy(heads["shape"](features), test_labels["shape"]),
+                         "vision_acc_colour": _foreground_accuracy(heads["colour"](features), test_labels["colour"]),
+                         "vision_acc_tile": _accuracy(heads["tile"](features), test_labels["tile"]),
+                         "vision_acc_x": _accuracy(heads["x"](features), test_labels["x"]),
+                         "time": time.perf_counter() - start}
                 heads.to(device)
-            log.append({"step": step, "loss": loss.item(), "vision_acc_shape": acc_shape,
-                        "vision_acc_colour": acc_colour, "time": time.perf_counter() - start})
+            log.append(entry)
     vision.zero_grad(set_to_none=True)  # leave no warm-up gradient behind for the next optimizer
     model.eval()
     return log
