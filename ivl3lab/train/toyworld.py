@@ -39,9 +39,11 @@ NEW_COLOURS = {"pink": (255, 105, 180)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 # canvas aspect (cols, rows) in tiles; tiling picks the same grid, so object tiles are known exactly
 GRIDS = ((1, 1), (1, 1), (2, 1), (1, 2), (3, 1), (1, 3), (3, 2), (2, 3))
+MAX_TILES = max(cols * rows for cols, rows in GRIDS)
 QUESTION_TYPES = ("colour", "shape", "count", "position", "tile")
 LIGHT_LEFT, LIGHT_RIGHT = 250.0, 150.0  # background brightness at the left and right edges
 TILE_NUMBER_INK = (40, 40, 40)
+LABEL_BOX = 0.13  # the tile number sits in the top-left LABEL_BOX x LABEL_BOX of its tile; objects keep out
 SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_029}  # disjoint seed ranges per split
 
 
@@ -112,9 +114,7 @@ def _background(rng: random.Random, size: tuple[int, int]) -> Image.Image:
 
 # seven-segment digits: which of the segments (top, upper left, upper right, middle, lower left, lower right,
 # bottom) are lit
-_SEGMENTS = {1: "..r..r.", 2: "t.rml.b", 3: "t.rm.rb", 4: ".lrm.r.", 5: "tl.m.rb", 6: "tl.mlrb", 7: "t.r..r.",
-             8: "tlrmlrb", 9: "tlrm.rb"}
-LABEL_BOX = 0.13  # the tile number sits in the top-left LABEL_BOX x LABEL_BOX of its tile; objects keep out
+_SEGMENTS = {1: "..r..r.", 2: "t.rml.b", 3: "t.rm.rb", 4: ".lrm.r.", 5: "tl.m.rb", 6: "tl.mlrb"}  # up to MAX_TILES
 
 
 def _draw_tile_number(draw: ImageDraw.ImageDraw, number: int, x0: float, y0: float, tile_px: int) -> None:

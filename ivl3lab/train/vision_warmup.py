@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..processing.images import dynamic_preprocess, tiles_to_tensor
-from .toyworld import COLOURS, SHAPES, label_map, make_scene
+from .toyworld import COLOURS, MAX_TILES, SHAPES, label_map, make_scene
 
 SEED_BASE = 10_000_000  # its own seed range: never the train/val/test scenes of the multimodal stage
 TEST_SEED = 99_000_000
@@ -128,7 +128,7 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     device = next(vision.parameters()).device
     heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(cfg.hidden_size, len(SHAPES) + 1),
                                  "colour": torch.nn.Linear(cfg.hidden_size, len(COLOURS) + 1),
-                                 "tile": torch.nn.Linear(cfg.hidden_size, 6),
+                                 "tile": torch.nn.Linear(cfg.hidden_size, MAX_TILES),
                                  "x": torch.nn.Linear(cfg.hidden_size, X_BINS)}).to(device)
     params = list(vision.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
