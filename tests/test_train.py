@@ -436,6 +436,33 @@ def test_where_labels_number_the_tiles_and_bin_x_over_the_whole_image():
     assert numbers.shape == (1, 64) and (numbers == -100).all() and xs[0, :8].tolist() == list(range(8))
 
 
+def test_count_labels_say_how_many_objects_each_tile_shows():
+    from ivl3lab.train.vision_warmup import count_labels
+
+    s = next(scene("train", i) for i in range(200) if scene("train", i).grid == (3, 2) and len(scene("train", i).objects) >= 2)
+    counts = count_labels(s, 8).view(7, 8, 8)  # 6 tiles + thumbnail, 8 x 8 patches
+    corner = counts[:, :2, :2]  # the patches of each tile's first LLM token (2 x 2 pixel-unshuffle)
+    assert (corner == corner[:, :1, :1]).all() and (counts[:, 2:] == -100).all() and (counts[:, :, 2:] == -100).all()
+    assert corner[:6, 0, 0].tolist() == [sum(o.tile == k for o in s.objects) for k in range(1, 7)]
+    assert corner[6, 0, 0] == len(s.objects) == corner[:6, 0, 0].sum()  # the thumbnail shows them all
+    single = next(scene("train", i) for i in range(40) if scene("train", i).grid == (1, 1))
+    assert count_labels(single, 8)[0, [0, 1, 8, 9]].tolist() == [len(single.objects)] * 4
+
+
+def test_vision_warmup_count_head_is_optional_and_off_changes_nothing():
+    """Off by default and then invisible (no head, no extra random draws), so the shipped checkpoint's command,
+    which does not ask for it, trains the same ViT; on, it trains the ViT differently and logs its accuracy."""
+    from ivl3lab.train.vision_warmup import warm_up_vision
+
+    a, b, c = fresh(), fresh(), fresh()
+    warm_up_vision(a, steps=2, batch_size=4, log_every=2)
+    warm_up_vision(b, steps=2, batch_size=4, log_every=2, count_weight=0.0)
+    log = warm_up_vision(c, steps=2, batch_size=4, log_every=2, count_weight=1.0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+    assert 0 <= log[-1]["vision_acc_count"] <= 1
+
+
 def test_scene_layout_does_not_depend_on_the_tile_size():
     small, large = scene("test", 3, tile_px=112), scene("test", 3, tile_px=448)
     assert small.grid == large.grid and small.qa == large.qa

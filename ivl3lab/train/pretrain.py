@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="add the object list ('The objects: star red 2, ...') to every image conversation")
     ap.add_argument("--vision-position-weight", type=float, default=1.0,
                     help="weight of the warm-up's where-targets: each patch's tile number and x bin (0 = off)")
+    ap.add_argument("--vision-count-weight", type=float, default=0.0,
+                    help="weight of the warm-up's count target: how many objects each patch's tile shows (0 = off)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-per-type", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -129,7 +131,7 @@ def main(argv=None) -> list[dict]:
     settings = run_settings(args, out, resuming)
     if args.vision_warmup_steps and not resuming:  # every rank runs the same seeded warm-up, before any sharding
         warmup = warm_up_vision(model, steps=args.vision_warmup_steps, seed=args.seed,
-                                position_weight=args.vision_position_weight)
+                                position_weight=args.vision_position_weight, count_weight=args.vision_count_weight)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "vision_warmup.json").write_text(json.dumps(warmup, indent=1))

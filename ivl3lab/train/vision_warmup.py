@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..processing.images import dynamic_preprocess, tiles_to_tensor
-from .toyworld import COLOURS, MAX_TILES, SHAPES, label_map, make_scene
+from .toyworld import COLOURS, MAX_TILES, NUMBER_WORDS, SHAPES, label_map, make_scene
 
 SEED_BASE = 10_000_000  # its own seed range: never the train/val/test scenes of the multimodal stage
 TEST_SEED = 99_000_000
@@ -74,6 +74,23 @@ def where_labels(scene, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(numbers), torch.stack(xs)
 
 
+def count_labels(scene, side: int) -> torch.Tensor:
+    """Per tile (grid tiles row-major, thumbnail last): how many objects that tile shows, on the top-left 2x2
+    cells only (the first LLM token after pixel-unshuffle, where the tile number is printed and no object lies);
+    -100 elsewhere, so the other tokens keep their capacity for their own object. Every object lies inside one
+    grid tile and the thumbnail shows them all, so the thumbnail's (or a single tile's) first token can carry
+    the whole image's count. Returns [T, side * side]."""
+    cols, rows = scene.grid
+    per_tile = [sum(o.tile == k + 1 for o in scene.objects) for k in range(cols * rows)]
+    if cols * rows > 1:
+        per_tile.append(len(scene.objects))
+    corner = torch.zeros(side, side, dtype=torch.bool)
+    corner[:2, :2] = True
+    labels = torch.full((len(per_tile), side * side), -100)
+    labels[:, corner.flatten()] = torch.tensor(per_tile)[:, None]
+    return labels  # [T, side*side]
+
+
 def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
     """Tiles of one scene exactly as the model sees them, with per-patch labels.
 
@@ -87,15 +104,16 @@ def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
 
 def scene_tiles(start: int, n: int, tile_px: int, patch: int, max_objects: int = 3):
     """At least n tiles from consecutive warm-up scenes, with their per-patch labels; returns (x, labels, next),
-    labels = {"shape", "colour", "tile", "x"}, each [n, g*g] (see patch_labels and where_labels)."""
-    xs, labels, index = [], {"shape": [], "colour": [], "tile": [], "x": []}, start
+    labels = {"shape", "colour", "tile", "x", "count"}, each [n, g*g] (see patch_labels, where_labels and
+    count_labels)."""
+    xs, labels, index = [], {"shape": [], "colour": [], "tile": [], "x": [], "count": []}, start
     while sum(len(x) for x in xs) < n:
         s = make_scene(SEED_BASE + index, tile_px, max_objects=max_objects)
         index += 1
         x, shape, colour = patch_labels(s, tile_px, patch)
         tile, column = where_labels(s, tile_px // patch)
         xs.append(x)
-        for name, value in zip(labels, (shape, colour, tile, column)):
+        for name, value in zip(labels, (shape, colour, tile, column, count_labels(s, tile_px // patch))):
             labels[name].append(value)
     return torch.cat(xs)[:n], {name: torch.cat(v)[:n] for name, v in labels.items()}, index
 
@@ -112,13 +130,15 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                    log_every: int = 50, max_objects: int = 3, background_weight: float = 0.1,
-                   position_weight: float = 1.0) -> list[dict]:
+                   position_weight: float = 1.0, count_weight: float = 0.0) -> list[dict]:
     """Train `model.vision` (only) on dense labels; returns the log. The heads are dropped.
 
     Per patch: shape and colour of the object under it (background weighted down), and, with `position_weight`,
     where it is: the number printed in its tile and its x bin over the whole image (where_labels). The ViT sees
     one tile at a time, so those two come only from what the toy world draws (tile numbers, the light falling
     from the left); the LLM then finds them in the named object's tokens for "which tile" and "left or right".
+    With `count_weight`, every patch also learns how many objects its tile shows (count_labels): a pre-trained
+    encoder's sense of number, which the thumbnail then carries for the whole image.
     Logged shape/colour accuracies are over object patches of held-out scenes (background patches are easy and
     excluded); tile and x accuracies over all patches that have them."""
     torch.manual_seed(seed)
@@ -129,7 +149,10 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     heads = torch.nn.ModuleDict({"shape": torch.nn.Linear(cfg.hidden_size, len(SHAPES) + 1),
                                  "colour": torch.nn.Linear(cfg.hidden_size, len(COLOURS) + 1),
                                  "tile": torch.nn.Linear(cfg.hidden_size, MAX_TILES),
-                                 "x": torch.nn.Linear(cfg.hidden_size, X_BINS)}).to(device)
+                                 "x": torch.nn.Linear(cfg.hidden_size, X_BINS)})
+    if count_weight:  # only then: without it the warm-up draws the same random numbers as before the head existed
+        heads["count"] = torch.nn.Linear(cfg.hidden_size, len(NUMBER_WORDS))
+    heads.to(device)
     params = list(vision.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     test_x, test_labels, _ = scene_tiles(TEST_SEED, 128, cfg.image_size, cfg.patch_size, max_objects)
@@ -145,6 +168,8 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
         if position_weight:
             loss = loss + position_weight * (F.cross_entropy(heads["tile"](features), labels["tile"]) +
                                              F.cross_entropy(heads["x"](features), labels["x"]))
+        if count_weight:
+            loss = loss + count_weight * F.cross_entropy(heads["count"](features), labels["count"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,6 +184,8 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
                          "vision_acc_tile": _accuracy(heads["tile"](features), test_labels["tile"]),
                          "vision_acc_x": _accuracy(heads["x"](features), test_labels["x"]),
                          "time": time.perf_counter() - start}
+                if count_weight:
+                    entry["vision_acc_count"] = _accuracy(heads["count"](features), test_labels["count"])
                 heads.to(device)
             log.append(entry)
     vision.zero_grad(set_to_none=True)  # leave no warm-up gradient behind for the next optimizer
