@@ -439,12 +439,16 @@ def test_where_labels_number_the_tiles_and_bin_x_over_the_whole_image():
 def test_count_labels_say_how_many_objects_each_tile_shows():
     from ivl3lab.train.vision_warmup import count_labels
 
-    s = next(scene("train", i) for i in range(200) if scene("train", i).grid == (3, 2) and len(scene("train", i).objects) >= 2)
+    s = next(s for s in map(lambda i: scene("train", i), range(200)) if s.grid == (3, 2) and len(s.objects) >= 2)
     counts = count_labels(s, 8).view(7, 8, 8)  # 6 tiles + thumbnail, 8 x 8 patches
     corner = counts[:, :2, :2]  # the patches of each tile's first LLM token (2 x 2 pixel-unshuffle)
     assert (corner == corner[:, :1, :1]).all() and (counts[:, 2:] == -100).all() and (counts[:, :, 2:] == -100).all()
     assert corner[:6, 0, 0].tolist() == [sum(o.tile == k for o in s.objects) for k in range(1, 7)]
     assert corner[6, 0, 0] == len(s.objects) == corner[:6, 0, 0].sum()  # the thumbnail shows them all
+    from ivl3lab.model.projector import pixel_unshuffle  # the model's own grouping: labelled = its first token
+
+    tokens = pixel_unshuffle(count_labels(s, 8)[..., None].float())  # [7, 16, 4]: 2x2 groups per LLM token
+    assert (tokens[:, 0] == corner[:, :1, :1].reshape(7, 1)).all() and (tokens[:, 1:] == -100).all()
     single = next(scene("train", i) for i in range(40) if scene("train", i).grid == (1, 1))
     assert count_labels(single, 8)[0, [0, 1, 8, 9]].tolist() == [len(single.objects)] * 4
 

@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vision-position-weight", type=float, default=1.0,
                     help="weight of the warm-up's where-targets: each patch's tile number and x bin (0 = off)")
     ap.add_argument("--vision-count-weight", type=float, default=0.0,
-                    help="weight of the warm-up's count target: how many objects each patch's tile shows (0 = off)")
+                    help="weight of the warm-up's count target: each tile's first token learns how many objects "
+                         "the tile shows (0 = off)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-per-type", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=250)

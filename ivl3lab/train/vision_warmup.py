@@ -15,6 +15,10 @@ Two more per-patch targets say *where* a patch is: the number printed in its til
 image (read from the light, which falls from the left). The ViT sees one tile at a time, so this is the only way
 a token of the named object can carry which tile it is in and how far right it lies, which "which tile" and
 "left or right of" need (toyworld's module docstring).
+
+An optional target gives the ViT a sense of number: each tile's first token learns how many objects the tile
+shows, so the thumbnail's first token carries the image's count and "How many objects?" becomes one lookup
+(used by notebook 06 to learn count within its 5 minutes; docs/toy_results.md).
 """
 from __future__ import annotations
 
@@ -76,8 +80,8 @@ def where_labels(scene, side: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def count_labels(scene, side: int) -> torch.Tensor:
     """Per tile (grid tiles row-major, thumbnail last): how many objects that tile shows, on the top-left 2x2
-    cells only (the first LLM token after pixel-unshuffle, where the tile number is printed and no object lies);
-    -100 elsewhere, so the other tokens keep their capacity for their own object. Every object lies inside one
+    cells only (the tile's first LLM token after pixel-unshuffle, around the printed tile number); -100
+    elsewhere, so the other tokens keep their capacity for their own object. Every object lies inside one
     grid tile and the thumbnail shows them all, so the thumbnail's (or a single tile's) first token can carry
     the whole image's count. Returns [T, side * side]."""
     cols, rows = scene.grid
@@ -137,8 +141,8 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     where it is: the number printed in its tile and its x bin over the whole image (where_labels). The ViT sees
     one tile at a time, so those two come only from what the toy world draws (tile numbers, the light falling
     from the left); the LLM then finds them in the named object's tokens for "which tile" and "left or right".
-    With `count_weight`, every patch also learns how many objects its tile shows (count_labels): a pre-trained
-    encoder's sense of number, which the thumbnail then carries for the whole image.
+    With `count_weight`, each tile's first token also learns how many objects the tile shows (count_labels): a
+    pre-trained encoder's sense of number, which the thumbnail's first token then carries for the whole image.
     Logged shape/colour accuracies are over object patches of held-out scenes (background patches are easy and
     excluded); tile and x accuracies over all patches that have them."""
     torch.manual_seed(seed)
