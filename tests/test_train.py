@@ -454,8 +454,8 @@ def test_count_labels_say_how_many_objects_each_tile_shows():
 
 
 def test_vision_warmup_count_head_is_optional_and_off_changes_nothing():
-    """Off by default and then invisible (no head, no extra random draws), so the shipped checkpoint's command,
-    which does not ask for it, trains the same ViT; on, it trains the ViT differently and logs its accuracy."""
+    """Off by default (the shipped checkpoint's command does not ask for it): the default equals an explicit 0;
+    on, it trains the ViT differently and logs its accuracy."""
     from ivl3lab.train.vision_warmup import warm_up_vision
 
     a, b, c = fresh(), fresh(), fresh()

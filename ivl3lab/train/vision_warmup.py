@@ -88,11 +88,9 @@ def count_labels(scene, side: int) -> torch.Tensor:
     per_tile = [sum(o.tile == k + 1 for o in scene.objects) for k in range(cols * rows)]
     if cols * rows > 1:
         per_tile.append(len(scene.objects))
-    corner = torch.zeros(side, side, dtype=torch.bool)
-    corner[:2, :2] = True
-    labels = torch.full((len(per_tile), side * side), -100)
-    labels[:, corner.flatten()] = torch.tensor(per_tile)[:, None]
-    return labels  # [T, side*side]
+    labels = torch.full((len(per_tile), side, side), -100)
+    labels[:, :2, :2] = torch.tensor(per_tile)[:, None, None]
+    return labels.flatten(1)  # [T, side*side]
 
 
 def patch_labels(scene, tile_px: int, patch: int, max_tiles: int = 6):
