@@ -431,7 +431,7 @@ def test_where_labels_number_the_tiles_and_bin_x_over_the_whole_image():
     assert row[0].tolist() == sorted(row[0].tolist()) and row[1, 0] >= row[0, -1]  # left to right
     assert row[0, 0] == 0 and row[2, -1] == X_BINS - 1 and row[3].tolist() == row[0].tolist()  # tile 4 under 1
     assert row[6].tolist() == [int((c + 0.5) / 8 * X_BINS) for c in range(8)]  # the thumbnail spans the width
-    single = next(scene("train", i) for i in range(40) if scene("train", i).grid == (1, 1))
+    single = next(s for s in (scene("train", i) for i in range(40)) if s.grid == (1, 1))
     numbers, xs = where_labels(single, 8)
     assert numbers.shape == (1, 64) and (numbers == -100).all() and xs[0, :8].tolist() == list(range(8))
 
@@ -439,7 +439,7 @@ def test_where_labels_number_the_tiles_and_bin_x_over_the_whole_image():
 def test_count_labels_say_how_many_objects_each_tile_shows():
     from ivl3lab.train.vision_warmup import count_labels
 
-    s = next(s for s in map(lambda i: scene("train", i), range(200)) if s.grid == (3, 2) and len(s.objects) >= 2)
+    s = next(s for s in (scene("train", i) for i in range(200)) if s.grid == (3, 2) and len(s.objects) >= 2)
     counts = count_labels(s, 8).view(7, 8, 8)  # 6 tiles + thumbnail, 8 x 8 patches
     corner = counts[:, :2, :2]  # the patches of each tile's first LLM token (2 x 2 pixel-unshuffle)
     assert (corner == corner[:, :1, :1]).all() and (counts[:, 2:] == -100).all() and (counts[:, :, 2:] == -100).all()
@@ -449,7 +449,7 @@ def test_count_labels_say_how_many_objects_each_tile_shows():
 
     tokens = pixel_unshuffle(count_labels(s, 8)[..., None].float())  # [7, 16, 4]: 2x2 groups per LLM token
     assert (tokens[:, 0] == corner[:, :1, :1].reshape(7, 1)).all() and (tokens[:, 1:] == -100).all()
-    single = next(scene("train", i) for i in range(40) if scene("train", i).grid == (1, 1))
+    single = next(s for s in (scene("train", i) for i in range(40)) if s.grid == (1, 1))
     assert count_labels(single, 8)[0, [0, 1, 8, 9]].tolist() == [len(single.objects)] * 4
 
 

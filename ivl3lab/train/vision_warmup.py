@@ -17,8 +17,8 @@ a token of the named object can carry which tile it is in and how far right it l
 "left or right of" need (toyworld's module docstring).
 
 An optional target gives the ViT a sense of number: each tile's first token learns how many objects the tile
-shows, so the thumbnail's first token carries the image's count and "How many objects?" becomes one lookup
-(used by notebook 06 to learn count within its 5 minutes; docs/toy_results.md).
+shows, so the thumbnail's first token is trained to carry the image's count, meant to make "How many objects?"
+one lookup for the LLM (not probed; with it, count reached 90 % within notebook 06's 5 minutes: docs/toy_results.md).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     one tile at a time, so those two come only from what the toy world draws (tile numbers, the light falling
     from the left); the LLM then finds them in the named object's tokens for "which tile" and "left or right".
     With `count_weight`, each tile's first token also learns how many objects the tile shows (count_labels): a
-    pre-trained encoder's sense of number, which the thumbnail's first token then carries for the whole image.
+    pre-trained encoder's sense of number, which the thumbnail's first token learns for the whole image.
     Logged shape/colour accuracies are over object patches of held-out scenes (background patches are easy and
     excluded); tile and x accuracies over all patches that have them."""
     torch.manual_seed(seed)
