@@ -91,6 +91,20 @@ class InternVL3(nn.Module):
         self.vision.gradient_checkpointing = self.language.gradient_checkpointing = enabled
         return self
 
+    def compile_blocks(self, enabled: bool = True, **options) -> "InternVL3":
+        """torch.compile every ViT and LLM block (`options` go to torch.compile; enabled=False: eager again).
+
+        Why blocks, not the whole model: the elementwise work around the matrix products (norms, RoPE, GELU/SwiGLU,
+        layer scale, autocast copies) fuses into a few kernels, one compilation serves all layers of a tower, and
+        the data-dependent code between the towers (placeholder checks, feature merge) stays eager. A block whose
+        hook points have hooks runs eagerly, so hooks keep working (compiled code would skip them silently).
+        `mode="reduce-overhead"` replays the blocks as CUDA graphs (call `torch.compiler.cudagraph_mark_step_begin()`
+        before each training step); measured in docs/benchmarks.md, and not safe under gradient accumulation.
+        """
+        for block in (*self.vision.layers, *self.language.layers):
+            block.compile_forward(options if enabled else None)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..hooks import HookPoint
-from .ops import RMSNorm, attention, checkpoint_block, packed_block_mask, rms_norm
+from .ops import Block, RMSNorm, attention, checkpoint_block, packed_block_mask, rms_norm
 
 
 @dataclass
@@ -163,7 +163,7 @@ class MLP(nn.Module):
         return self.down_proj(self.hook_post(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(Block):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)

@@ -1,5 +1,5 @@
-"""Small pieces shared by the vision and language towers: RMSNorm, stochastic depth, activation checkpointing,
-attention backends.
+"""Small pieces shared by the vision and language towers: RMSNorm, stochastic depth, the compilable block base,
+activation checkpointing, attention backends.
 
 The attention function is the one place where the backend choice lives:
 - `sdpa`  (default) torch.nn.functional.scaled_dot_product_attention: fast, never materialises probabilities;
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from ..hooks import HookPoint
 
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
@@ -59,11 +61,46 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        # a comparison with rand rather than bernoulli_(keep): torch.compile then keeps `p` symbolic, so blocks with
+        # different rates (linear in depth) share one compiled graph instead of one each
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) < keep
         return x * mask / keep
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+_COMPILED_BLOCKS: dict = {}  # (block class, options) -> torch.compile'd unbound forward, shared by every instance
+
+
+class Block(nn.Module):
+    """Base of the ViT and LLM blocks: a block can run a torch.compile'd forward (`compile_forward`).
+
+    Why not `nn.Module.compile`: compiled code skips the forward hooks of the hook points inside it, silently. Here
+    a block runs eagerly whenever one of its hook points (or the block itself) has a hook, and compiled otherwise.
+    The unbound `forward` is compiled once per class and options, so one compilation serves every layer of a
+    tower (the weights are inputs of the graph, not constants).
+    """
+
+    compile_options: Optional[dict] = None
+
+    def compile_forward(self, options: Optional[dict] = None) -> None:
+        """Run compiled with `torch.compile(**options)` from now on; None: eager again."""
+        self.compile_options = None if options is None else dict(options)
+        self.__dict__["_hook_points"] = tuple(m for m in self.modules() if isinstance(m, HookPoint))  # a plain attribute
+
+    def _hooked(self) -> bool:
+        return bool(self._forward_hooks or self._forward_pre_hooks or any(
+            p._forward_hooks or p._forward_pre_hooks for p in self.__dict__.get("_hook_points", ())))
+
+    def __call__(self, *args, **kwargs):
+        options = self.compile_options
+        if options is None or self._hooked() or torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        key = (type(self), repr(sorted(options.items())))
+        if key not in _COMPILED_BLOCKS:
+            _COMPILED_BLOCKS[key] = torch.compile(type(self).forward, **options)
+        return _COMPILED_BLOCKS[key](self, *args, **kwargs)
 
 
 def _op_set(*names: str) -> frozenset:

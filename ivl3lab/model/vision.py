@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import VisionConfig
 from ..hooks import HookPoint
-from .ops import DropPath, RMSNorm, attention, checkpoint_block
+from .ops import Block, DropPath, RMSNorm, attention, checkpoint_block
 
 
 def make_norm(cfg: VisionConfig) -> nn.Module:
@@ -85,7 +85,7 @@ class VisionMLP(nn.Module):
         return self.fc2(self.hook_post(F.gelu(self.fc1(x))))  # exact (erf) GELU
 
 
-class VisionBlock(nn.Module):
+class VisionBlock(Block):
     """x += drop_path(ls1 * attn(norm1(x))); x += drop_path(ls2 * mlp(norm2(x)))."""
 
     def __init__(self, cfg: VisionConfig, drop_path: float = 0.0):

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.distributed as dist
 
+from ..model.ops import Block
 from .data import Batch
 from .losses import chunked_loss_sums, loss_sums, token_weights
 
@@ -40,7 +41,9 @@ class TrainConfig:
     loss_reduction: str = "token"  # token | sample | square
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     gradient_checkpointing: Union[bool, str] = False  # True / "full", or "selective" (see set_gradient_checkpointing)
-    compile: bool = False
+    # True / "blocks": torch.compile each ViT/LLM block (model.compile_blocks); "model": the whole forward (graph
+    # breaks where it needs host values)
+    compile: Union[bool, str] = False
     loss_chunk: int = 0  # > 0: chunked linear + cross-entropy, never materialising full logits
     log_every: int = 10
     eval_every: int = 0  # 0 = never
@@ -178,7 +181,15 @@ class Trainer:
             self.module.set_gradient_checkpointing(self.cfg.gradient_checkpointing)
         if self.world > 1 and self.wrap_ddp:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module)
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        # no CUDA graphs ("reduce-overhead") here: with gradient accumulation their outputs were overwritten by the
+        # next micro-batch's replay on an H100 (benchmarks/check_train_compile.py); bench_gpu.py times them alone
+        block_options = {False: None, "model": None, True: {}, "blocks": {}}
+        if self.cfg.compile not in block_options:
+            raise ValueError(f"compile must be False, True / 'blocks' or 'model', got {self.cfg.compile!r}")
+        for block in self.module.modules():  # peft-wrapped models too
+            if isinstance(block, Block):
+                block.compile_forward(block_options[self.cfg.compile])
+        self.forward = torch.compile(self.model) if self.cfg.compile == "model" else self.model
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.module, self.cfg), betas=self.cfg.betas, fused=fused)
         self.step = 0
