@@ -147,6 +147,26 @@ def test_rope_accepts_fractional_positions_and_dynamic_scaling():
     assert not torch.allclose(long[:, :10], short)
 
 
+@torch.no_grad()
+def test_default_positions_spare_dynamic_rope_its_host_sync():
+    """Positions made by the model itself have a maximum known on the host: dynamic NTK RoPE need not read it off
+    the device (a sync per forward in training); positions passed in still get looked at. Same logits."""
+    import dataclasses
+
+    config = get_preset("tiny")
+    config = config.replace(text=dataclasses.replace(config.text, rope_scaling_type="dynamic",
+                                                     rope_scaling_factor=2.0, max_position_embeddings=8))
+    model = InternVL3(config).eval()
+    seen = []
+    forward = model.language.rotary.forward
+    model.language.rotary.forward = lambda pos, max_position=None: seen.append(max_position) or forward(pos, max_position)
+    for length in (6, 12):  # inside and beyond max_position_embeddings (the base grows there)
+        ids = torch.randint(20, 1000, (2, length))
+        default = model(ids).logits
+        explicit = model(ids, position_ids=torch.arange(length)[None].expand(2, -1)).logits
+        assert seen[-2:] == [length, None] and torch.equal(default, explicit)
+
+
 def test_sampling_respects_top_k_and_top_p():
     logits = torch.tensor([[4.0, 3.0, 2.0, -5.0]]).repeat(500, 1)
     gen = torch.Generator().manual_seed(0)

@@ -257,8 +257,8 @@ def test_chunked_loss_skips_unsupervised_positions_and_survives_none(monkeypatch
     from ivl3lab.train import losses
 
     projected = []
-    chunk_ce = losses._chunk_ce
-    monkeypatch.setattr(losses, "_chunk_ce", lambda h, *rest: projected.append(h.shape[0]) or chunk_ce(h, *rest))
+    ce_grad = losses._ce_grad
+    monkeypatch.setattr(losses, "_ce_grad", lambda logits, *rest: projected.append(logits.shape[0]) or ce_grad(logits, *rest))
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     head = torch.nn.Linear(8, 11, bias=False)
     labels = torch.randint(0, 11, (2, 6))
@@ -270,6 +270,64 @@ def test_chunked_loss_skips_unsupervised_positions_and_survives_none(monkeypatch
     total, n = losses.chunked_loss_sums(hidden, head, none, token_weights(none))
     (total / n.clamp(min=1)).backward()
     assert total.item() == 0 and head.weight.grad is not None and hidden.grad is not None
+
+
+def test_chunked_loss_masks_vocabulary_padding_and_follows_autocast():
+    """The fused linear + cross-entropy: padded vocabulary columns (added on CUDA for aligned matrix products)
+    change nothing; under autocast its products run in the autocast dtype, like nn.Linear's; a frozen head gets
+    no gradient while the hidden states still do."""
+    from ivl3lab.train import losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits, targets, w = torch.randn(5, 16, generator=gen), torch.tensor([0, 3, 10, 7, 10]), torch.rand(5, generator=gen)
+    loss, grad = losses._ce_grad(logits[:, :11].contiguous(), targets, w, 11)
+    padded_loss, padded_grad = losses._ce_grad(logits, targets, w, 11)  # columns 11..15 are padding
+    assert padded_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert torch.allclose(padded_grad[:, :11], grad, atol=1e-7) and padded_grad[:, 11:].abs().max() == 0
+
+    hidden = torch.randn(2, 7, 8, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(8, 13, bias=False)
+    labels = torch.randint(0, 13, (2, 7), generator=gen)
+    weights = token_weights(labels)
+    exact = loss_sums(head(hidden), labels, weights)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        reference = loss_sums(head(hidden), labels, weights)[0]  # bf16 logits, float32 cross-entropy
+        fused = losses.chunked_loss_sums(hidden, head, labels, weights, chunk=5)[0]
+    assert abs(fused.item() - reference.item()) < abs(exact.item() - reference.item()) / 10  # bf16 products, not fp32
+    head.weight.requires_grad_(False)
+    losses.chunked_loss_sums(hidden, head, labels, weights, chunk=5)[0].backward()
+    exact_grad = torch.autograd.grad(loss_sums(head(hidden), labels, weights)[0], hidden)[0]
+    assert head.weight.grad is None and torch.allclose(hidden.grad, exact_grad, atol=1e-6)
+
+
+def test_chunked_loss_makes_gradients_only_when_asked_and_never_recomputes():
+    """3 matrix products per chunk with gradients (logits, d hidden, d weight) and none in the backward pass;
+    1 per chunk under torch.no_grad (a validation loss); the same value either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ivl3lab.train import losses
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.randint(0, 11, (2, 6))
+    weights = token_weights(labels)
+    with CountMatmuls() as forward:
+        total = losses.chunked_loss_sums(hidden, head, labels, weights, chunk=4)[0]  # 10 positions: 3 chunks
+    with CountMatmuls() as backward:
+        total.backward()
+    with torch.no_grad(), CountMatmuls() as evaluation:
+        same = losses.chunked_loss_sums(hidden, head, labels, weights, chunk=4)[0]
+    assert (forward.count, backward.count, evaluation.count) == (9, 0, 3)
+    assert same.item() == pytest.approx(total.item(), rel=1e-6) and hidden.grad is not None
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -240,9 +240,11 @@ class Qwen2(nn.Module):
         q_len = inputs_embeds.shape[1]
         past_len = cache.length if cache is not None else 0
         device = inputs_embeds.device
+        max_position = None
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, q_len, past_len, device)
-        cos, sin = self.rotary(position_ids)
+            max_position = past_len + q_len  # known on the host: spares dynamic NTK RoPE a device sync
+        cos, sin = self.rotary(position_ids, max_position)
         if segment_ids is not None and self._flex_packing(cache, inputs_embeds):
             mask = packed_block_mask(segment_ids, attention_mask)  # block-sparse: examples never see each other
         else:
