@@ -28,6 +28,15 @@ from ivl3lab.train.losses import chunked_loss_sums, token_weights  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16, from the spec sheets
 ANCHOR_PEAK = 790e12  # what the anchor's MFU column divides by
+VARIANTS = {  # --train-variants key -> (row name, label in the printed table)
+    "packed": ("ivl3lab packed", "the samples packed in one row (dense mask)"),
+    "flex": ("ivl3lab packed flex", "packed, FlexAttention"),
+    "selective": ("ivl3lab selective checkpointing", "selective activation checkpointing"),
+    "compiled": ("ivl3lab compiled", "blocks compiled"),
+    "compiled_flex": ("ivl3lab compiled packed flex", "packed, FlexAttention, blocks compiled"),
+    "compiled_graphs": ("ivl3lab compiled + CUDA graphs", "blocks compiled as CUDA graphs"),
+    "compiled_model": ("ivl3lab whole model compiled", "torch.compile of the whole model"),
+}
 
 
 def parse(argv=None):
@@ -35,13 +44,18 @@ def parse(argv=None):
     ap.add_argument("--no-train", action="store_true", help="skip the training-step row")
     ap.add_argument("--train-batch", type=int, default=None, help="sequences per training step (8; tiny: 2)")
     ap.add_argument("--train-text", type=int, default=None, help="text tokens per sequence (512; tiny: 32)")
+    ap.add_argument("--train-only", action="store_true", help="only the training-step row (no prefill/decode rows)")
+    ap.add_argument("--train-variants", default="packed,flex,selective",
+                    help=f"ivl3lab training variants to time beside the default step, comma-separated, from "
+                         f"{','.join(VARIANTS)} ('compiled*': every ViT/LLM block torch.compile'd)")
     ap.add_argument("--profile-train", default=None,
                     help="write PyTorch profiles of one training step to PATH.ivl3lab.txt / PATH.transformers.txt")
     ours, rest = ap.parse_known_args(argv)
     return ours, rest
 
 
-def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
+def train_row(a, train_batch: int, train_text: int, profile_path=None,
+              chosen=("packed", "flex", "selective")) -> dict:
     """One mixed-precision AdamW step on 1-tile + text sequences, both implementations, same weights."""
     ours, hf = bench.build_models(a.preset, a.device, torch.float32, a.seed)
     ours.train(), hf.train()
@@ -57,9 +71,9 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=fused)
     weights = token_weights(labels)
 
-    def ours_step():
+    def ours_step(model=ours):
         with autocast:
-            out = ours(ids, pixel_values=pixels, compute_logits=False)
+            out = model(ids, pixel_values=pixels, compute_logits=False)
             total, n = chunked_loss_sums(out.hidden_states, ours.lm_head, labels, weights, chunk=1024)
         (total / n).backward()
         opt_ours.step()
@@ -95,18 +109,32 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
     row = dict(name=f"training step, {train_batch} x (1 tile + {train_text} text)", unit="tok/s",
                higher_is_better=True)
 
-    def with_settings(fn, backend="sdpa", checkpointing=False):
+    def with_settings(fn, backend="sdpa", checkpointing=False, compile_blocks=False, mode=None):
         def step():
             ours.set_attn_implementation(backend).set_gradient_checkpointing(checkpointing)
+            if compile_blocks:  # static shapes: each layout gets its own graph, none falls back to dynamic shapes
+                ours.compile_blocks(dynamic=False, **({"mode": mode} if mode else {}))
+            if mode == "reduce-overhead":  # a new training step: the previous step's graph outputs are dead
+                torch.compiler.cudagraph_mark_step_begin()
             try:
                 fn()
             finally:
-                ours.set_attn_implementation("sdpa").set_gradient_checkpointing(False)
+                ours.set_attn_implementation("sdpa").set_gradient_checkpointing(False).compile_blocks(False)
         return step
 
-    variants = {"ivl3lab packed": with_settings(ours_packed_step),  # block-diagonal mask, SDPA
-                "ivl3lab packed flex": with_settings(ours_packed_step, backend="flex"),  # block-sparse FlexAttention
-                "ivl3lab selective checkpointing": with_settings(ours_step, checkpointing="selective")}
+    steps = {"packed": with_settings(ours_packed_step),  # block-diagonal mask, SDPA
+             "flex": with_settings(ours_packed_step, backend="flex"),  # block-sparse FlexAttention
+             "selective": with_settings(ours_step, checkpointing="selective"),
+             "compiled": with_settings(ours_step, compile_blocks=True),
+             "compiled_flex": with_settings(ours_packed_step, backend="flex", compile_blocks=True),
+             "compiled_graphs": with_settings(ours_step, compile_blocks=True, mode="reduce-overhead"),
+             "compiled_model": with_settings(lambda: ours_step(whole))}
+    whole = torch.compile(ours, dynamic=False)  # graph breaks where the forward needs host values
+    unknown = set(chosen) - set(steps)
+    if unknown:
+        raise SystemExit(f"unknown --train-variants {sorted(unknown)}; choose from {','.join(steps)}")
+    variants = {VARIANTS[key][0]: steps[key] for key in chosen}
+    profiled = {"ivl3lab", "transformers", "ivl3lab compiled", "ivl3lab compiled + CUDA graphs"}
     for impl, fn in (("ivl3lab", ours_step), *variants.items(), ("transformers", hf_step)):
         if cuda and impl == "transformers":  # swap: ivl3lab's model and optimizer state off the device
             opt_ours.state.clear()
@@ -116,7 +144,7 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
         if cuda:
             torch.cuda.empty_cache()
         try:
-            m = bench.measure(fn, a.device, 2, 5)
+            m = bench.measure(fn, a.device, 3 if "CUDA graphs" in impl else 2, 5)  # warm-up, record, replay
         except Exception as e:  # reported; the other measurements still run
             if impl not in variants:
                 raise
@@ -124,9 +152,11 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
             continue
         row[impl] = dict(m, value=tokens / m["seconds"], tflops=flops / m["seconds"] / 1e12,
                          mfu_vs_790=flops / m["seconds"] / ANCHOR_PEAK)
-        if profile_path and impl not in variants:
+        print(f"{impl}: {row[impl]['value']:.0f} tok/s, {row[impl]['mfu_vs_790']:.1%} of 790 TF, "
+              f"first call {m['first_call_s']:.1f} s", flush=True)  # kept if a later variant fails or runs out
+        if profile_path and impl in profiled:
             print(f"-- profile of one {impl} training step", flush=True)
-            bench.profile(fn, a.device, f"{profile_path}.{impl}.txt")
+            bench.profile(fn, a.device, f"{profile_path}.{impl.replace(' ', '_').replace('+', 'plus')}.txt", rows=40)
     row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]
     del ours, hf, opt_ours, opt_hf
     return row
@@ -134,12 +164,16 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None) -> dict:
 
 def main(argv=None) -> dict:
     mine, rest = parse(argv)
-    res = bench.main(rest)  # prints the inference table
     a = bench.parse_args(rest)
+    if mine.train_only:
+        name = torch.cuda.get_device_name() if a.device.startswith("cuda") else bench.cpu_name()
+        res = dict(device=a.device, device_name=name, torch=torch.__version__, preset=a.preset, rows=[])
+    else:
+        res = bench.main(rest)  # prints the inference table
     if not mine.no_train:
         tiny = a.preset == "tiny"
         row = train_row(a, mine.train_batch or (2 if tiny else 8), mine.train_text or (32 if tiny else 512),
-                        mine.profile_train)
+                        mine.profile_train, [k for k in mine.train_variants.split(",") if k])
         res["rows"].append(row)
         o, t = row["ivl3lab"], row["transformers"]
         peak = next((v for k, v in PEAK_BF16.items() if k in res["device_name"]), None)
@@ -147,13 +181,12 @@ def main(argv=None) -> dict:
         print(f"\n| {row['name']} | tok/s | {o['value']:.0f} | {t['value']:.0f} | {row['speedup']:.2f}x | "
               f"MFU ivl3lab {mfu(o)}; transformers {mfu(t)} | peak GB "
               f"{o.get('peak_gb') or 0:.1f} / {t.get('peak_gb') or 0:.1f} |", flush=True)
-        for name, label in (("ivl3lab packed", "the samples packed in one row (dense mask)"),
-                            ("ivl3lab packed flex", "packed, FlexAttention"),
-                            ("ivl3lab selective checkpointing", "selective activation checkpointing")):
+        for name, label in VARIANTS.values():
             if name in row:
                 k = row[name]
                 print(f"| same, ivl3lab, {label} | tok/s | {k['value']:.0f} | | {t['seconds'] / k['seconds']:.2f}x | "
-                      f"MFU {mfu(k)} | peak GB {k.get('peak_gb') or 0:.1f} |", flush=True)
+                      f"MFU {mfu(k)} | peak GB {k.get('peak_gb') or 0:.1f} | first call {k['first_call_s']:.1f} s |",
+                      flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return res

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ivl3lab.config import get_preset
@@ -72,6 +73,27 @@ def test_gpu_bench_cpu_smoke_includes_the_training_row(tmp_path):
     train = res["rows"][-1]
     assert train["ivl3lab"]["value"] > 0 and train["transformers"]["value"] > 0
     assert json.loads(out.read_text())["rows"][-1]["name"] == train["name"]
+
+
+def test_gpu_bench_training_only_with_compiled_variants(tmp_path):
+    """--train-only skips the inference rows; compiled variants run (off CUDA the graphs mode is plain inductor)."""
+    torch.set_num_threads(1)
+    module = load_script("bench_gpu")
+    res = module.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--train-only", "--train-batch",
+                       "2", "--train-text", "8", "--train-variants", "compiled,compiled_graphs"])
+    (train,) = res["rows"]
+    assert train["name"].startswith("training step")
+    for impl in ("ivl3lab", "ivl3lab compiled", "ivl3lab compiled + CUDA graphs", "transformers"):
+        assert train[impl]["value"] > 0
+    assert "ivl3lab packed" not in train
+    with pytest.raises(SystemExit, match="unknown --train-variants"):
+        module.main(["--preset", "tiny", "--device", "cpu", "--train-only", "--train-variants", "fastest"])
+
+
+def test_train_compile_check_cpu_smoke():
+    torch.set_num_threads(1)
+    res = load_script("check_train_compile").main(["--device", "cpu", "--steps", "1", "--options", "blocks"])
+    assert res["ok"] and res["blocks"]["loss_diff"] <= 1e-4 and res["blocks"]["seconds"] > 0
 
 
 def test_decode_profile_cpu_smoke(tmp_path):
