@@ -603,6 +603,47 @@ def test_toy_conversations_carry_the_object_list_unless_turned_off(tiny):
             assert s.caption in supervised
 
 
+def test_name_shape_changes_only_the_colour_answers_in_training_and_evaluation(tiny):
+    """"What color is the star?" -> "star red": the scene, the other answers and the random draws stay the same."""
+    from ivl3lab.train.toy import eval_items
+    from ivl3lab.train.toyworld import SHAPES
+
+    _, processor = tiny
+    for i in range(20):
+        plain, named = scene("train", i), scene("train", i, name_shape=True)
+        assert plain.image.tobytes() == named.image.tobytes() and plain.caption == named.caption
+        for (kind, q, a), (kind2, q2, a2) in zip(plain.qa, named.qa):
+            shape = q.removeprefix("What color is the ").rstrip("?")
+            assert (kind, q) == (kind2, q2) and a2 == (f"{shape} {a}" if kind == "colour" else a)
+    example = small_data(processor, name_shape=True, text_ratio=0.0).example(0)
+    supervised = processor.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels)
+                                             if label != D.IGNORE])
+    colour_qa = next(qa for qa in scene("train", 0, max_objects=2, name_shape=True).qa if qa[0] == "colour")
+    assert f"{colour_qa[2]}<|im_end|>" in supervised and len(colour_qa[2].split()) == 2
+    items = dict(eval_items(processor, per_type=1, question_types=("colour",), name_shape=True))
+    answer = processor.tokenizer.decode([t for t, label in zip(items["colour"].input_ids, items["colour"].labels)
+                                         if label != D.IGNORE])
+    assert answer.removesuffix("<|im_end|>").split()[0] in SHAPES
+
+
+def test_every_colour_asks_about_each_object_once(tiny):
+    from ivl3lab.train.toyworld import colour_question
+
+    _, processor = tiny
+    for name_shape in (False, True):
+        data = small_data(processor, every_colour=True, name_shape=name_shape, text_ratio=0.0)
+        plain = small_data(processor, name_shape=name_shape, text_ratio=0.0)
+        for index in range(6):
+            text = processor.tokenizer.decode(data.example(index).input_ids)
+            s = scene("train", index, max_objects=2)
+            for o in s.objects:
+                question, answer = colour_question(o, name_shape)
+                assert text.count(question) == 1 and f"{question}<|im_end|>\n<|im_start|>assistant\n{answer}<" in text
+            asked = sum(processor.tokenizer.decode(plain.example(index).input_ids).count(colour_question(o)[0])
+                        for o in s.objects)
+            assert asked == 1  # without the option: one colour question per scene
+
+
 def test_pretrain_freezes_the_warmed_up_vit_and_resumes_only_with_the_same_settings(tmp_path, monkeypatch):
     """After the warm-up the multimodal stage trains the projector and the LLM only (--freeze-vision, the
     default); --no-freeze-vision trains all three. A resumed run keeps its ViT frozen, and a resume that asks

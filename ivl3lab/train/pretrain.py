@@ -41,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--text-ratio", type=float, default=0.25, help="share of text-only samples (1:3 -> 0.25)")
     ap.add_argument("--loss-reduction", default="square", choices=("token", "sample", "square"))
     ap.add_argument("--pack-tokens", type=int, default=512, help="> 0: pack examples into rows of this many tokens")
+    ap.add_argument("--name-shape", action="store_true",
+                    help='colour answers name the shape first ("star red"; notebook 06 does, the shipped model not)')
+    ap.add_argument("--every-colour", action="store_true",
+                    help="ask the colour of every object of a scene (notebook 06 does, the shipped model not)")
     ap.add_argument("--max-objects", type=int, default=3)
     ap.add_argument("--vision-warmup-steps", type=int, default=300,
                     help="ViT-only dense shape/colour pre-training before the multimodal stage (0 = none)")
@@ -120,9 +124,11 @@ def main(argv=None) -> list[dict]:
     tile_px = model.config.vision.image_size
     data = ToyData(processor, batch_size=args.batch_size, grad_accum=args.grad_accum, tile_px=tile_px,
                    max_objects=args.max_objects, text_ratio=args.text_ratio, pack_tokens=args.pack_tokens,
-                   listing=args.listing, seed=args.seed)
+                   listing=args.listing, name_shape=args.name_shape,
+                   every_colour=args.every_colour, seed=args.seed)
     # under FSDP2 an evaluation forward gathers shards, so every rank must run it (only rank 0 logs)
-    evaluate = make_evaluator(processor, per_type=args.eval_per_type, tile_px=tile_px, max_objects=args.max_objects) \
+    evaluate = make_evaluator(processor, per_type=args.eval_per_type, tile_px=tile_px, max_objects=args.max_objects,
+                              name_shape=args.name_shape) \
         if args.eval_every and (rank == 0 or args.fsdp) else None
     cfg = TrainConfig(steps=args.steps, lr=args.lr, lr_vision=args.lr_vision, warmup_steps=args.warmup,
                       grad_accum=args.grad_accum, loss_reduction=args.loss_reduction, eval_every=args.eval_every,

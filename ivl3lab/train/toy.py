@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .data import Batch, Example, chat_example, collate, example_range, greedy_pack, pack, text_example
-from .toyworld import QUESTION_TYPES, object_list, scene, text
+from .toyworld import QUESTION_TYPES, colour_question, object_list, scene, text
 
 
 @dataclass
@@ -31,14 +31,21 @@ class ToyData:
     listing: bool = True  # the object list: what teaches finding an object by its shape (toyworld.object_list)
     question_types: tuple = QUESTION_TYPES
     pack_tokens: int = 0  # > 0: pack each micro-batch into rows of at most this many tokens
+    name_shape: bool = False  # colour answers name the shape first, "star red" (toyworld.questions)
+    every_colour: bool = False  # also ask the colour of every other object, each in a turn of its own
     seed: int = 0
 
     def example(self, index: int) -> Example:
         rng = random.Random(f"{self.seed}/{self.split}/{index}")  # str seeds are stable across processes
         if rng.random() < self.text_ratio:
             return text_example(self.processor, text(self.split, index))
-        s = scene(self.split, index, self.tile_px, self.max_objects)
+        s = scene(self.split, index, self.tile_px, self.max_objects, name_shape=self.name_shape)
         turns = [(q, a) for kind, q, a in s.qa if kind in self.question_types]
+        if self.every_colour and "colour" in self.question_types:  # more look-ups by shape per image
+            asked = {q for q, _ in turns}
+            for question, answer in (colour_question(o, self.name_shape) for o in s.objects):
+                if question not in asked:
+                    turns.insert(rng.randint(0, len(turns)), (question, answer))
         if self.caption:  # anywhere in the conversation: evaluation asks a question right after the image
             turns.insert(rng.randint(0, len(turns)), ("Describe the image.", s.caption))
         if self.listing:
@@ -55,17 +62,18 @@ class ToyData:
 
 
 def eval_items(processor, split: str = "val", per_type: int = 100, tile_px: int = 112, max_objects: int = 3,
-               question_types=QUESTION_TYPES) -> list[tuple[str, Example]]:
+               question_types=QUESTION_TYPES, name_shape: bool = False) -> list[tuple[str, Example]]:
     """(type, example) with one question each, `per_type` of every type, from scenes of `split`."""
-    return eval_items_from(processor, split, 0, per_type, tile_px, max_objects, question_types)
+    return eval_items_from(processor, split, 0, per_type, tile_px, max_objects, question_types, name_shape)
 
 
 def eval_items_from(processor, split: str, start: int, per_type: int = 100, tile_px: int = 112,
-                    max_objects: int = 3, question_types=QUESTION_TYPES) -> list[tuple[str, Example]]:
+                    max_objects: int = 3, question_types=QUESTION_TYPES,
+                    name_shape: bool = False) -> list[tuple[str, Example]]:
     """Like `eval_items`, from scene index `start` on (a fresh set, disjoint from the usual one)."""
     items, counts, index = [], defaultdict(int), start
     while any(counts[t] < per_type for t in question_types):
-        s = scene(split, index, tile_px, max_objects)
+        s = scene(split, index, tile_px, max_objects, name_shape=name_shape)
         index += 1
         for kind, question, answer in s.qa:
             if kind in question_types and counts[kind] < per_type:
@@ -120,9 +128,9 @@ def text_loss(model, examples: list[Example], pad_id: int, batch_size: int = 32)
 
 
 def make_evaluator(processor, per_type: int = 100, split: str = "val", tile_px: int = 112,
-                   max_objects: int = 3, question_types=QUESTION_TYPES, text_n: int = 64):
+                   max_objects: int = 3, question_types=QUESTION_TYPES, text_n: int = 64, name_shape: bool = False):
     """A Trainer `evaluate` callback: accuracy per question type + text-only validation loss."""
-    items = eval_items(processor, split, per_type, tile_px, max_objects, question_types)
+    items = eval_items(processor, split, per_type, tile_px, max_objects, question_types, name_shape)
     texts = text_eval_items(processor, split, text_n)
     pad = processor.pad_token_id
 

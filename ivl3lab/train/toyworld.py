@@ -131,9 +131,10 @@ def _draw_tile_number(draw: ImageDraw.ImageDraw, number: int, x0: float, y0: flo
 
 
 def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None,
-               require_colour: Optional[str] = None) -> Scene:
+               require_colour: Optional[str] = None, name_shape: bool = False) -> Scene:
     """One image with 1..max_objects objects and all its questions; the same seed gives the same scene.
-    `require_shape` / `require_colour` put that shape / colour (e.g. a new one) in the scene and ask about it."""
+    `require_shape` / `require_colour` put that shape / colour (e.g. a new one) in the scene and ask about it;
+    `name_shape`: colour answers name the shape first (see `questions`)."""
     rng = random.Random(seed)
     cols, rows = rng.choice(GRIDS)
     width, height = cols * tile_px, rows * tile_px
@@ -166,7 +167,7 @@ def make_scene(seed: int, tile_px: int = 112, max_objects: int = 3, require_shap
     scene = Scene(image, objects, (cols, rows))
     scene.caption = caption(scene)
     focus = require_shape or next((o.shape for o in objects if o.colour == require_colour), None)
-    scene.qa = questions(scene, rng, focus=focus)
+    scene.qa = questions(scene, rng, focus=focus, name_shape=name_shape)
     return scene
 
 
@@ -198,12 +199,24 @@ def object_list(scene: Scene) -> str:
                                        for o in sorted(scene.objects, key=lambda o: o.cx)) + "."
 
 
-def questions(scene: Scene, rng: random.Random, focus: Optional[str] = None) -> list[tuple[str, str, str]]:
+def colour_question(obj: Obj, name_shape: bool = False) -> tuple[str, str]:
+    """("What color is the star?", "red"), or "star red" with `name_shape` (see `questions`)."""
+    return f"What color is the {obj.shape}?", f"{obj.shape} {obj.colour}" if name_shape else obj.colour
+
+
+def questions(scene: Scene, rng: random.Random, focus: Optional[str] = None,
+              name_shape: bool = False) -> list[tuple[str, str, str]]:
     """Every question type that has a unique answer for this scene, in random order (about the `focus`
-    shape when given)."""
+    shape when given).
+
+    `name_shape`: "What color is the star?" is answered "star red" (the object list's order) instead of "red".
+    The answer then starts by copying the asked shape, a step supervised on its own, and its colour is predicted
+    right at the shape word, where the object list already teaches the look-up. With the bare colour the model
+    must move the shape to the answer position unsupervised first, and when it learns that varies widely from
+    seed to seed (docs/toy_results.md)."""
     objs = scene.objects
     o = next((x for x in objs if x.shape == focus), None) or rng.choice(objs)
-    qa = [("colour", f"What color is the {o.shape}?", o.colour),
+    qa = [("colour", *colour_question(o, name_shape)),
           ("shape", f"What shape is the {o.colour} object?", o.shape),
           ("count", "How many objects are there?", NUMBER_WORDS[len(objs)])]
     # where-questions name objects by colour and shape, as people do ("the red star"): the colour question
@@ -245,8 +258,8 @@ def split_seed(split: str, index: int) -> int:
 
 
 def scene(split: str, index: int, tile_px: int = 112, max_objects: int = 3, require_shape: Optional[str] = None,
-          require_colour: Optional[str] = None) -> Scene:
-    return make_scene(split_seed(split, index), tile_px, max_objects, require_shape, require_colour)
+          require_colour: Optional[str] = None, name_shape: bool = False) -> Scene:
+    return make_scene(split_seed(split, index), tile_px, max_objects, require_shape, require_colour, name_shape)
 
 
 def text(split: str, index: int) -> str:
