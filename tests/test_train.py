@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ivl3lab
 from ivl3lab.train import data as D
@@ -300,21 +301,22 @@ def test_chunked_loss_masks_vocabulary_padding_and_follows_autocast():
     assert head.weight.grad is None and torch.allclose(hidden.grad, exact_grad, atol=1e-6)
 
 
+class CountMatmuls(TorchDispatchMode):
+    """Counts the matrix products dispatched inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
 def test_chunked_loss_makes_gradients_only_when_asked_and_never_recomputes():
     """3 matrix products per chunk with gradients (logits, d hidden, d weight) and none in the backward pass;
     1 per chunk under torch.no_grad (a validation loss); the same value either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from ivl3lab.train import losses
-
-    class CountMatmuls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-            return func(*args, **(kwargs or {}))
 
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     head = torch.nn.Linear(8, 11, bias=False)
@@ -334,17 +336,6 @@ def test_chunked_loss_makes_gradients_only_when_asked_and_never_recomputes():
 def test_checkpointing_modes_give_the_same_gradients_and_selective_recomputes_no_matmul(tiny, packed):
     """Full and selective activation checkpointing change only what is stored: the gradients are those of no
     checkpointing. Full recomputes every block's matrix products in the backward pass; selective keeps them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountMatmuls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-            return func(*args, **(kwargs or {}))
-
     _, processor = tiny
     batch = small_data(processor, pack_tokens=512 if packed else 0).batches(0, 0)
     assert (batch.segment_ids is not None) == packed
@@ -605,7 +596,6 @@ def test_toy_conversations_carry_the_object_list_unless_turned_off(tiny):
 
 def test_name_shape_changes_only_the_colour_answers_in_training_and_evaluation(tiny):
     """"What color is the star?" -> "star red": the scene, the other answers and the random draws stay the same."""
-    from ivl3lab.train.toy import eval_items
     from ivl3lab.train.toyworld import SHAPES
 
     _, processor = tiny
