@@ -93,6 +93,37 @@ def test_hooks_inside_compiled_blocks_still_fire_and_edit():
     assert torch.equal(compiled_logits, eager_logits) and not torch.allclose(eager_logits, plain)
     assert (model(ids, pixel_values=pixels).logits - plain).abs().max() <= 1e-6  # hooks gone: compiled again
 
+    # hooks on any module inside a block count, not only hook points (e.g. a probe on one projection)
+    seen = []
+    handle = model.language.layers[1].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out))
+    model(ids, pixel_values=pixels)
+    handle.remove()
+    assert len(seen) == 1
+
+
+def test_compiled_blocks_leave_kv_cache_steps_eager():
+    """A cached step would bake each layer's index into its own graph (one per layer, past the recompile limit)."""
+    torch.manual_seed(0)
+    model = InternVL3.from_preset("tiny").eval()
+    ids, pixels, _ = tiny_inputs(model.config, batch=1)
+    graphs = []
+    model.compile_blocks(backend=counting_backend(graphs))
+    with torch.no_grad():
+        model(ids, pixel_values=pixels)
+        compiled = len(graphs)
+        out = model(ids, pixel_values=pixels, use_cache=True)
+        model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    assert compiled == 2 and len(graphs) == compiled
+
+
+def test_drop_path_keeps_its_rate_in_bfloat16():
+    from ivl3lab.model.ops import DropPath
+
+    torch.manual_seed(0)
+    drop = DropPath(0.002).train()  # a bf16 draw would round 1 - p to a multiple of 1/256 (dropping 0.0039)
+    kept = drop(torch.ones(400_000, 1, dtype=torch.bfloat16))
+    assert (kept == 0).float().mean().item() == pytest.approx(0.002, abs=4e-4)
+
 
 def test_drop_path_rates_share_one_compiled_graph():
     """Stochastic depth grows linearly with depth; its rate must not be baked into the graph (one per layer)."""
@@ -112,15 +143,21 @@ def test_trainer_compile_options():
     data = ToyData(processor, batch_size=2, max_objects=1, text_ratio=0.0)
     Trainer(model.train(), TrainConfig(steps=1, compile=True), data.batches)
     assert all(b.compile_options == {} for b in (*model.vision.layers, *model.language.layers))
-    Trainer(model, TrainConfig(steps=1), data.batches)
-    assert all(b.compile_options is None for b in (*model.vision.layers, *model.language.layers))
+    model.compile_blocks(False).compile_blocks(mode="max-autotune-no-cudagraphs")  # the user's own options stay
+    for option in (False, True, "model"):
+        Trainer(model, TrainConfig(steps=1, compile=option), data.batches)
+        assert all(b.compile_options == {"mode": "max-autotune-no-cudagraphs"}
+                   for b in (*model.vision.layers, *model.language.layers))
     with pytest.raises(ValueError, match="compile must be"):
         Trainer(model, TrainConfig(steps=1, compile="graphs"), data.batches)  # CUDA graphs: not in the loop
 
 
 @pytest.mark.parametrize("compile_", ["blocks", "model"])
 def test_compiled_training_matches_eager(compile_):
+    from torch._dynamo.utils import counters
+
     losses = []
+    graphs_before = counters["stats"]["unique_graphs"]
     for option in (False, compile_):
         model, processor = ivl3lab.build("tiny", seed=0, system_message="Answer.")
         data = ToyData(processor, batch_size=2, max_objects=1, text_ratio=0.0)
@@ -130,3 +167,4 @@ def test_compiled_training_matches_eager(compile_):
         trainer.fit(progress=False)
         losses.append([h["loss"] for h in trainer.history])
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # something was compiled, not all eager

@@ -301,6 +301,25 @@ def test_chunked_loss_masks_vocabulary_padding_and_follows_autocast():
     assert head.weight.grad is None and torch.allclose(hidden.grad, exact_grad, atol=1e-6)
 
 
+def test_chunked_loss_with_a_padded_vocabulary_equals_the_plain_loss(monkeypatch):
+    """The CUDA path pads the LM head's rows (aligned products); forced here on CPU: same loss, same gradients."""
+    from ivl3lab.train import losses
+
+    monkeypatch.setattr(losses, "_vocab_padding", lambda vocab, h: (-vocab) % 8)  # 11 -> 16 rows
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.randint(0, 11, (2, 6))
+    weights = token_weights(labels, None, "square")
+    total, n = losses.chunked_loss_sums(hidden, head, labels, weights, chunk=4)
+    (total / n).backward()
+    fused = (hidden.grad.clone(), head.weight.grad.clone())
+    hidden.grad, head.weight.grad = None, None
+    reference, n_ref = loss_sums(head(hidden), labels, weights)
+    (reference / n_ref).backward()
+    assert total.item() == pytest.approx(reference.item(), rel=1e-6) and head.weight.grad.shape == (11, 8)
+    assert torch.allclose(fused[0], hidden.grad, atol=1e-6) and torch.allclose(fused[1], head.weight.grad, atol=1e-6)
+
+
 class CountMatmuls(TorchDispatchMode):
     """Counts the matrix products dispatched inside the `with` block."""
 

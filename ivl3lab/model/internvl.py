@@ -96,8 +96,9 @@ class InternVL3(nn.Module):
 
         Why blocks, not the whole model: the elementwise work around the matrix products (norms, RoPE, GELU/SwiGLU,
         layer scale, autocast copies) fuses into a few kernels, one compilation serves all layers of a tower, and
-        the data-dependent code between the towers (placeholder checks, feature merge) stays eager. A block whose
-        hook points have hooks runs eagerly, so hooks keep working (compiled code would skip them silently).
+        the data-dependent code between the towers (placeholder checks, feature merge) stays eager. A block with a hook
+        on any module in it runs eagerly, so hooks keep working (compiled code would skip them silently), and so does
+        a step with a KV cache (its layer index would make one graph per layer).
         `mode="reduce-overhead"` replays the blocks as CUDA graphs (call `torch.compiler.cudagraph_mark_step_begin()`
         before each training step); measured in docs/benchmarks.md, and not safe under gradient accumulation.
         """

@@ -173,6 +173,9 @@ class DecoderBlock(Block):
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = HookPoint(), HookPoint(), HookPoint()
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()  # all [B, L, H]
 
+    def runs_eagerly(self, x, cos, sin, mask, causal, cache) -> bool:
+        return cache is not None  # the cache's layer index would make one compiled graph per layer
+
     def forward(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask,

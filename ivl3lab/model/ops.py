@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ..hooks import HookPoint
-
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
 
 
@@ -62,8 +60,9 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         # a comparison with rand rather than bernoulli_(keep): torch.compile then keeps `p` symbolic, so blocks with
-        # different rates (linear in depth) share one compiled graph instead of one each
-        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) < keep
+        # different rates (linear in depth) share one compiled graph instead of one each; float32 rand, since in
+        # bf16 `keep` would be rounded to a multiple of 1/256
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep  # float32: exact rates
         return x * mask / keep
 
     def extra_repr(self) -> str:
@@ -76,10 +75,11 @@ _COMPILED_BLOCKS: dict = {}  # (block class, options) -> torch.compile'd unbound
 class Block(nn.Module):
     """Base of the ViT and LLM blocks: a block can run a torch.compile'd forward (`compile_forward`).
 
-    Why not `nn.Module.compile`: compiled code skips the forward hooks of the hook points inside it, silently. Here
-    a block runs eagerly whenever one of its hook points (or the block itself) has a hook, and compiled otherwise.
-    The unbound `forward` is compiled once per class and options, so one compilation serves every layer of a
-    tower (the weights are inputs of the graph, not constants).
+    Why not `nn.Module.compile`: compiled code skips the forward hooks of the modules inside it, silently. Here a
+    block runs eagerly whenever any module in it (hook points included) or a global module hook is hooked, and
+    compiled otherwise. So under FSDP2, whose hooks sit on each block, blocks run eagerly. The unbound `forward` is
+    compiled once per class and options, so one compilation serves every layer of a tower (the weights are inputs
+    of the graph, not constants).
     """
 
     compile_options: Optional[dict] = None
@@ -87,15 +87,23 @@ class Block(nn.Module):
     def compile_forward(self, options: Optional[dict] = None) -> None:
         """Run compiled with `torch.compile(**options)` from now on; None: eager again."""
         self.compile_options = None if options is None else dict(options)
-        self.__dict__["_hook_points"] = tuple(m for m in self.modules() if isinstance(m, HookPoint))  # a plain attribute
+        self.__dict__["_all_modules"] = tuple(self.modules())  # a plain attribute, not a submodule list
 
     def _hooked(self) -> bool:
-        return bool(self._forward_hooks or self._forward_pre_hooks or any(
-            p._forward_hooks or p._forward_pre_hooks for p in self.__dict__.get("_hook_points", ())))
+        from torch.nn.modules import module as torch_module
+
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.__dict__.get("_all_modules", (self,)))
+
+    def runs_eagerly(self, *args, **kwargs) -> bool:
+        """Calls that must not go through the compiled graph (subclasses say which)."""
+        return False
 
     def __call__(self, *args, **kwargs):
         options = self.compile_options
-        if options is None or self._hooked() or torch.compiler.is_compiling():
+        if (options is None or torch.compiler.is_compiling() or self._hooked()
+                or self.runs_eagerly(*args, **kwargs)):
             return super().__call__(*args, **kwargs)
         key = (type(self), repr(sorted(options.items())))
         if key not in _COMPILED_BLOCKS:

@@ -182,13 +182,14 @@ class Trainer:
         if self.world > 1 and self.wrap_ddp:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module)
         # no CUDA graphs ("reduce-overhead") here: with gradient accumulation their outputs were overwritten by the
-        # next micro-batch's replay on an H100 (benchmarks/check_train_compile.py); bench_gpu.py times them alone
-        block_options = {False: None, "model": None, True: {}, "blocks": {}}
-        if self.cfg.compile not in block_options:
+        # next micro-batch's replay on an H100 (check_train_compile.py when this loop offered them); bench_gpu.py
+        # times them on a plain step
+        if self.cfg.compile not in (False, True, "blocks", "model"):
             raise ValueError(f"compile must be False, True / 'blocks' or 'model', got {self.cfg.compile!r}")
-        for block in self.module.modules():  # peft-wrapped models too
-            if isinstance(block, Block):
-                block.compile_forward(block_options[self.cfg.compile])
+        if self.cfg.compile in (True, "blocks"):
+            for block in self.module.modules():  # peft-wrapped models too
+                if isinstance(block, Block) and block.compile_options is None:  # keep options set by compile_blocks
+                    block.compile_forward({})
         self.forward = torch.compile(self.model) if self.cfg.compile == "model" else self.model
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.module, self.cfg), betas=self.cfg.betas, fused=fused)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 REDUCTIONS = ("token", "sample", "square")
@@ -76,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         vocab = weight.shape[0]
-        pad = (-vocab) % 64 if h.is_cuda else 0
+        pad = _vocab_padding(vocab, h)
         need_h, need_w = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
         with torch.autocast(device, enabled=False):
             w_mat = weight.to(dtype)
@@ -99,10 +100,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the gradients are constants made in the forward pass: no second derivatives
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
+        # out of place: a second backward pass (retain_graph=True) must see the same saved gradients
         return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
                 None if grad_w is None else grad_w * grad_total, None, None, None, None)
+
+
+def _vocab_padding(vocab: int, h: torch.Tensor) -> int:
+    """Rows to add to the LM head so that the chunk's products are aligned (on CUDA, to a multiple of 64)."""
+    return (-vocab) % 64 if h.is_cuda else 0
 
 
 def _ce_grad(logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, vocab: int):
