@@ -15,6 +15,15 @@ from ivl3lab.train.losses import chunked_loss_sums, token_weights
 from ivl3lab.train.toy import ToyData
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every compiled variant of a block shares the block's code object, and dynamo stops compiling one after
+    8 variants (its recompile limit): tests that ran before (other backends, shapes, options) must not use them up."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def counting_backend(graphs: list):
     """aot_eager (the same ops, no code generation) that records every graph dynamo hands it."""
     def backend(gm, example_inputs):
