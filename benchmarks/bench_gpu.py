@@ -130,9 +130,6 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
              "compiled_graphs": with_settings(ours_step, compile_blocks=True, mode="reduce-overhead"),
              "compiled_model": with_settings(lambda: ours_step(whole))}
     whole = torch.compile(ours, dynamic=False)  # graph breaks where the forward needs host values
-    unknown = set(chosen) - set(steps)
-    if unknown:
-        raise SystemExit(f"unknown --train-variants {sorted(unknown)}; choose from {','.join(steps)}")
     variants = {VARIANTS[key][0]: steps[key] for key in chosen}
     profiled = {"ivl3lab", "transformers", "ivl3lab compiled", "ivl3lab compiled + CUDA graphs"}
     for impl, fn in (("ivl3lab", ours_step), *variants.items(), ("transformers", hf_step)):
@@ -165,6 +162,10 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
 def main(argv=None) -> dict:
     mine, rest = parse(argv)
     a = bench.parse_args(rest)
+    chosen = [k for k in mine.train_variants.split(",") if k]
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:  # before minutes of model building
+        raise SystemExit(f"unknown --train-variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     if mine.train_only:
         name = torch.cuda.get_device_name() if a.device.startswith("cuda") else bench.cpu_name()
         res = dict(device=a.device, device_name=name, torch=torch.__version__, preset=a.preset, rows=[])
@@ -173,7 +174,7 @@ def main(argv=None) -> dict:
     if not mine.no_train:
         tiny = a.preset == "tiny"
         row = train_row(a, mine.train_batch or (2 if tiny else 8), mine.train_text or (32 if tiny else 512),
-                        mine.profile_train, [k for k in mine.train_variants.split(",") if k])
+                        mine.profile_train, chosen)
         res["rows"].append(row)
         o, t = row["ivl3lab"], row["transformers"]
         peak = next((v for k, v in PEAK_BF16.items() if k in res["device_name"]), None)

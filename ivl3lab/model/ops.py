@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -87,27 +88,26 @@ class Block(nn.Module):
     def compile_forward(self, options: Optional[dict] = None) -> None:
         """Run compiled with `torch.compile(**options)` from now on; None: eager again."""
         self.compile_options = None if options is None else dict(options)
-        self.__dict__["_all_modules"] = tuple(self.modules())  # a plain attribute, not a submodule list
+        # plain attributes, not submodules: what `__call__` needs on every call, worked out once
+        self.__dict__["_all_modules"] = tuple(self.modules())
+        self.__dict__["_compile_key"] = None if options is None else (type(self), repr(sorted(options.items())))
 
     def _hooked(self) -> bool:
-        from torch.nn.modules import module as torch_module
-
-        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.__dict__.get("_all_modules", (self,)))
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.__dict__["_all_modules"])
 
     def runs_eagerly(self, *args, **kwargs) -> bool:
         """Calls that must not go through the compiled graph (subclasses say which)."""
         return False
 
     def __call__(self, *args, **kwargs):
-        options = self.compile_options
-        if (options is None or torch.compiler.is_compiling() or self._hooked()
+        if (self.compile_options is None or torch.compiler.is_compiling() or self._hooked()
                 or self.runs_eagerly(*args, **kwargs)):
             return super().__call__(*args, **kwargs)
-        key = (type(self), repr(sorted(options.items())))
+        key = self.__dict__["_compile_key"]
         if key not in _COMPILED_BLOCKS:
-            _COMPILED_BLOCKS[key] = torch.compile(type(self).forward, **options)
+            _COMPILED_BLOCKS[key] = torch.compile(type(self).forward, **self.compile_options)
         return _COMPILED_BLOCKS[key](self, *args, **kwargs)
 
 
