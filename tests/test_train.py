@@ -405,6 +405,69 @@ def test_flex_attention_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch)
     assert len(calls) == flex_calls and torch.equal(grads[0], grads[1])
 
 
+def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
+    """Backend "flash" sends packed rows to flash-attn's varlen kernel: one causal run per example and per padding
+    tail, over the flattened tokens. flash-attn cannot run here (CUDA only, no wheel), so a stand-in written from
+    its documented contract (q/k/v [tokens, heads, dim], int32 cu_seqlens, GQA by head groups) checks our side:
+    the runs, the reshapes, the logits and gradients of the dense mask. Without the kernel, the dense mask."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from ivl3lab.model import ops
+
+    def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
+        assert q.shape[0] == k.shape[0] == int(cu_q[-1]) and causal
+        calls.append(cu_q.tolist())
+        runs = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            q_, k_, v_ = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+            out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=softmax_scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+            runs.append(out.transpose(0, 1))
+        return torch.cat(runs)
+
+    def dense_reference(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):  # the ViT's calls
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, scale=softmax_scale)
+        return out.transpose(1, 2)
+
+    _, processor = tiny
+    batch = small_data(processor, pack_tokens=512).batches(0, 0)
+    segments = batch.segment_ids
+    assert (segments == -1).any() and int(segments.max()) >= 1  # padding and 2+ examples a row
+    # the runs a row is cut into: its examples, then its padding tail
+    expected = [0]
+    for row in segments.tolist():
+        for s in sorted(set(row), key=row.index):
+            expected.append(expected[-1] + row.count(s))
+    calls = []
+    results = {}
+    for backend in ("sdpa", "flash"):
+        model = fresh().set_attn_implementation(backend)
+        if backend == "flash":
+            monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+                flash_attn_func=dense_reference, flash_attn_varlen_func=varlen_reference))
+            monkeypatch.setattr(ops, "flash_available", lambda *tensors: True)
+        logits = model(**batch.model_inputs()).logits
+        lm_loss(logits, batch.labels, segments).backward()
+        results[backend] = logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert len(calls) == model.config.text.num_layers and calls[0] == expected
+    real = segments >= 0
+    assert (results["flash"][0] - results["sdpa"][0])[real].abs().max() <= 1e-5
+    assert (results["flash"][1] - results["sdpa"][1]).abs().max() <= 1e-5
+    hook = [("language.layers.0.self_attn.hook_pattern", lambda x, hook: None)]
+    with ivl3lab.hooks(model, hook), pytest.warns(UserWarning, match="flash"):
+        hooked = model(**batch.model_inputs()).logits  # a listening pattern hook: the dense mask in every layer
+    assert len(calls) == model.config.text.num_layers and (hooked - results["sdpa"][0])[real].abs().max() <= 1e-5
+    monkeypatch.setattr(ops, "flash_available", lambda *tensors: False)  # no kernel: the dense mask, a warning
+    with pytest.warns(UserWarning, match="flash"):
+        fallback = model(**batch.model_inputs()).logits
+    assert len(calls) == model.config.text.num_layers and (fallback - results["sdpa"][0])[real].abs().max() <= 1e-5
+
+
 def test_vision_warmup_trains_only_the_vision_tower():
     from ivl3lab.train.vision_warmup import warm_up_vision
 
@@ -533,6 +596,28 @@ def test_vision_warmup_count_head_is_optional_and_off_changes_nothing():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
     assert 0 <= log[-1]["vision_acc_count"] <= 1
+
+
+def test_vision_warmup_learning_rate_schedule(monkeypatch):
+    """Constant by default; with warmup_steps / min_lr_ratio, each step's rate is lr * warmup_cosine(step)."""
+    from ivl3lab.train import vision_warmup
+    from ivl3lab.train.loop import warmup_cosine
+
+    rates = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    vision_warmup.warm_up_vision(fresh(), steps=4, batch_size=2, lr=2e-3, log_every=4)
+    assert rates == [2e-3] * 4
+    rates.clear()
+    vision_warmup.warm_up_vision(fresh(), steps=5, batch_size=2, lr=2e-3, log_every=5, warmup_steps=2,
+                                 min_lr_ratio=0.1)
+    assert rates == pytest.approx([2e-3 * warmup_cosine(i, 5, 2, 0.1) for i in range(5)])
+    assert rates[0] == pytest.approx(1e-3) and rates[1] == pytest.approx(2e-3) > rates[2] > rates[3] > rates[4] > 2e-4
 
 
 def test_scene_layout_does_not_depend_on_the_tile_size():

@@ -9,6 +9,7 @@ sync, which ivl3lab.decoding captures as a CUDA graph (and optionally compiles o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..hooks import HookPoint
-from .ops import Block, RMSNorm, attention, checkpoint_block, packed_block_mask, rms_norm
+from .ops import Block, PackedRows, RMSNorm, attention, checkpoint_block, packed_block_mask, rms_norm
 
 
 @dataclass
@@ -174,7 +175,9 @@ class DecoderBlock(Block):
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()  # all [B, L, H]
 
     def runs_eagerly(self, x, cos, sin, mask, causal, cache) -> bool:
-        return cache is not None  # the cache's layer index would make one compiled graph per layer
+        # the cache's layer index would make one compiled graph per layer; PackedRows' host-side max_len one
+        # per batch
+        return cache is not None or isinstance(mask, PackedRows)
 
     def forward(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
         x = self.hook_resid_pre(x)
@@ -250,6 +253,9 @@ class Qwen2(nn.Module):
         cos, sin = self.rotary(position_ids, max_position)
         if segment_ids is not None and self._flex_packing(cache, inputs_embeds):
             mask = packed_block_mask(segment_ids, attention_mask)  # block-sparse: examples never see each other
+        elif segment_ids is not None and self._varlen_packing(attention_mask, segment_ids):
+            mask = PackedRows(segment_ids, partial(build_attention_mask, attention_mask, q_len, past_len, device,
+                                                   segment_ids))  # flash-attn varlen, or that mask if it can't run
         else:
             mask = build_attention_mask(attention_mask, q_len, past_len, device, segment_ids)
         if mask is None and past_len > 0 and q_len > 1:
@@ -271,6 +277,14 @@ class Qwen2(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.training)
         return (cache is None and attns[0].backend == "flex" and (x.is_cuda or not needs_grad)
                 and not any(a.hook_pattern.active for a in attns))
+
+
+    def _varlen_packing(self, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor) -> bool:
+        """Packed rows go to flash-attn's varlen kernel when the backend is "flash", no layer needs the dense
+        probabilities, and the padding is where segment_ids says (-1), so runs of equal ids are the examples."""
+        attns = [layer.self_attn for layer in self.layers]
+        return (attns[0].backend == "flash" and not any(a.hook_pattern.active for a in attns)
+                and (attention_mask is None or torch.equal(attention_mask.bool(), segment_ids >= 0)))
 
 
 def decode_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor,

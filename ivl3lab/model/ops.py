@@ -4,7 +4,8 @@ activation checkpointing, attention backends.
 The attention function is the one place where the backend choice lives:
 - `sdpa`  (default) torch.nn.functional.scaled_dot_product_attention: fast, never materialises probabilities;
 - `eager` explicit softmax(QK^T)V: slower, but the probabilities exist as a tensor (hooks, attention maps);
-- `flash` flash-attn's kernel when the package is installed and the tensors are fp16/bf16 on CUDA;
+- `flash` flash-attn's kernel when the package is installed and the tensors are fp16/bf16 on CUDA; packed
+          training rows go through its varlen kernel (`PackedRows`), one causal run per example;
 - `flex`  PyTorch's FlexAttention for packed training rows: a block-sparse mask skips the blocks where one
           packed example would look at another (the varlen saving, with no extra package); compiled on CUDA.
           Where nothing is packed it is `sdpa`.
@@ -155,6 +156,45 @@ def packed_block_mask(segment_ids: torch.Tensor, attention_mask: Optional[torch.
                              device=segment_ids.device)
 
 
+class PackedRows:
+    """Packed rows for flash-attn's varlen kernel: the flattened [B * L] tokens cut into runs, one per packed
+    example and one per row's padding tail, each attending causally within itself (cu_seqlens, int32).
+
+    Where that kernel cannot run (no package, CPU or fp32 tensors, a pattern hook listening), `attention` uses
+    the equivalent dense mask instead, made on first use by `dense_mask` (never made on the varlen path: at
+    B x L x L it is what varlen avoids)."""
+
+    def __init__(self, segment_ids: torch.Tensor, dense_mask):
+        batch, length = segment_ids.shape
+        flat = segment_ids.flatten()  # [B * L]
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        starts[::length] = True  # a run never crosses rows
+        bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
+        self.cu_seqlens = bounds.to(torch.int32)  # [runs + 1]
+        self.max_len = int(bounds.diff().max())  # the kernel needs it on the host
+        self._dense_mask, self._dense = dense_mask, None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self._dense_mask()
+        return self._dense
+
+
+def _flash_varlen(q, k, v, rows: PackedRows, scale):
+    """q [B, Hq, L, D], k/v [B, Hkv, L, D] -> [B, L, Hq, D]; flash-attn groups the query heads itself (GQA)."""
+    from flash_attn import flash_attn_varlen_func
+
+    batch, heads, length, dim = q.shape
+
+    def tokens(x):  # [B, H, L, D] -> [B * L, H, D]
+        return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
+
+    out = flash_attn_varlen_func(tokens(q), tokens(k), tokens(v), rows.cu_seqlens, rows.cu_seqlens, rows.max_len,
+                                 rows.max_len, softmax_scale=scale, causal=True)
+    return out.view(batch, length, heads, dim)
+
+
 _COMPILED_FLEX = None
 
 
@@ -183,7 +223,8 @@ def attention(
     v: torch.Tensor,  # [B, Hkv, Lk, D]
     *,
     backend: str = "sdpa",
-    mask=None,  # bool [B, 1, Lq, Lk], True = may attend; None = no mask; or a flex BlockMask (backend "flex")
+    mask=None,  # bool [B, 1, Lq, Lk], True = may attend; None = no mask; a flex BlockMask (backend "flex"); or
+    # PackedRows (backend "flash")
     causal: bool = False,  # only used when mask is None
     scale: Optional[float] = None,
     pattern_hook=None,  # a HookPoint: when it has hooks, the probabilities are computed and passed through it
@@ -196,6 +237,10 @@ def attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     listening = pattern_hook is not None and pattern_hook.active
+    if isinstance(mask, PackedRows):
+        if backend == "flash" and not listening and flash_available(q, k, v):
+            return _flash_varlen(q, k, v, mask, scale), None
+        mask = mask.dense()
     if listening and pattern_hook.query_index is not None:
         out, _ = attention(q, k, v, backend=backend, mask=mask, causal=causal, scale=scale)
         rows = pattern_hook.query_index.to(q.device)

@@ -76,10 +76,15 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to 1, then cosine to min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+def warmup_cosine(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The factor on the learning rate at 0-based `step`: linear warmup to 1, then cosine to min_lr_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def prepare_run(out, threads: int = 0) -> Path:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..processing.images import dynamic_preprocess, tiles_to_tensor
+from .loop import warmup_cosine
 from .toyworld import COLOURS, MAX_TILES, NUMBER_WORDS, SHAPES, label_map, make_scene
 
 SEED_BASE = 10_000_000  # its own seed range: never the train/val/test scenes of the multimodal stage
@@ -132,7 +133,8 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                    log_every: int = 50, max_objects: int = 3, background_weight: float = 0.1,
-                   position_weight: float = 1.0, count_weight: float = 0.0) -> list[dict]:
+                   position_weight: float = 1.0, count_weight: float = 0.0, warmup_steps: int = 0,
+                   min_lr_ratio: float = 1.0) -> list[dict]:
     """Train `model.vision` (only) on dense labels; returns the log. The heads are dropped.
 
     Per patch: shape and colour of the object under it (background weighted down), and, with `position_weight`,
@@ -141,6 +143,9 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     from the left); the LLM then finds them in the named object's tokens for "which tile" and "left or right".
     With `count_weight`, each tile's first token also learns how many objects the tile shows (count_labels): a
     pre-trained encoder's sense of number, which the thumbnail's first token learns for the whole image.
+    The learning rate is constant by default; `warmup_steps` and `min_lr_ratio` < 1 give a linear warmup and a
+    cosine decay instead (with a higher `lr`, notebook 06's warm-up then needs 800 steps for the shape its
+    1,200 constant-rate steps reached: docs/toy_results.md).
     Logged shape/colour accuracies are over object patches of held-out scenes (background patches are easy and
     excluded); tile and x accuracies over all patches that have them."""
     torch.manual_seed(seed)
@@ -162,6 +167,8 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     weight = torch.ones(max(len(SHAPES), len(COLOURS)) + 1, device=device)
     weight[0] = background_weight  # background patches are most patches, and the easy ones
     for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * warmup_cosine(step - 1, steps, warmup_steps, min_lr_ratio)
         x, labels, index = scene_tiles(index, batch_size, cfg.image_size, cfg.patch_size, max_objects)
         labels = {name: value.flatten().to(device) for name, value in labels.items()}
         features = vision(x.to(device))[:, 1:].flatten(0, 1)  # [B*g*g, C]: patch tokens, as the projector sees them
