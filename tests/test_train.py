@@ -455,6 +455,8 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
         lm_loss(logits, batch.labels, segments).backward()
         results[backend] = logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
     assert len(calls) == model.config.text.num_layers and calls[0] == expected
+    # compiled blocks step aside for it (the longest run, a host integer, would make one graph per batch)
+    assert model.language.layers[0].runs_eagerly(None, None, None, ops.PackedRows(segments, None), False, None)
     real = segments >= 0
     assert (results["flash"][0] - results["sdpa"][0])[real].abs().max() <= 1e-5
     assert (results["flash"][1] - results["sdpa"][1]).abs().max() <= 1e-5
@@ -617,7 +619,7 @@ def test_vision_warmup_learning_rate_schedule(monkeypatch):
     vision_warmup.warm_up_vision(fresh(), steps=5, batch_size=2, lr=2e-3, log_every=5, warmup_steps=2,
                                  min_lr_ratio=0.1)
     assert rates == pytest.approx([2e-3 * warmup_cosine(i, 5, 2, 0.1) for i in range(5)])
-    assert rates[0] == pytest.approx(1e-3) and rates[1] == pytest.approx(2e-3) > rates[2] > rates[3] > rates[4] > 2e-4
+    assert rates[:3] == pytest.approx([1e-3, 2e-3, 2e-3]) and rates[2] > rates[3] > rates[4] > 2e-4
 
 
 def test_scene_layout_does_not_depend_on_the_tile_size():
