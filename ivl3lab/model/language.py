@@ -278,7 +278,6 @@ class Qwen2(nn.Module):
         return (cache is None and attns[0].backend == "flex" and (x.is_cuda or not needs_grad)
                 and not any(a.hook_pattern.active for a in attns))
 
-
     def _varlen_packing(self, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor) -> bool:
         """Packed rows go to flash-attn's varlen kernel when the backend is "flash", no layer needs the dense
         probabilities, and the padding is where segment_ids says (-1), so runs of equal ids are the examples."""
