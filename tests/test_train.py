@@ -451,6 +451,7 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
             monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
                 flash_attn_func=dense_reference, flash_attn_varlen_func=varlen_reference))
             monkeypatch.setattr(ops, "flash_available", lambda *tensors: True)
+            monkeypatch.setattr(ops, "flash_installed_for", lambda x: True)
         logits = model(**batch.model_inputs()).logits
         lm_loss(logits, batch.labels, segments).backward()
         results[backend] = logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -464,10 +465,16 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
     with ivl3lab.hooks(model, hook), pytest.warns(UserWarning, match="flash"):
         hooked = model(**batch.model_inputs()).logits  # a listening pattern hook: the dense mask in every layer
     assert len(calls) == model.config.text.num_layers and (hooked - results["sdpa"][0])[real].abs().max() <= 1e-5
-    monkeypatch.setattr(ops, "flash_available", lambda *tensors: False)  # no kernel: the dense mask, a warning
+    monkeypatch.setattr(ops, "flash_available", lambda *tensors: False)  # installed, but not for these tensors
     with pytest.warns(UserWarning, match="flash"):
         fallback = model(**batch.model_inputs()).logits
     assert len(calls) == model.config.text.num_layers and (fallback - results["sdpa"][0])[real].abs().max() <= 1e-5
+    built = []
+    monkeypatch.setattr(ops.PackedRows, "__init__", lambda self, *a: built.append(1) or None)
+    monkeypatch.setattr(ops, "flash_installed_for", lambda x: False)
+    with pytest.warns(UserWarning, match="flash"):  # not installed / not CUDA: the dense mask, no PackedRows
+        plain = model(**batch.model_inputs()).logits
+    assert not built and (plain - results["sdpa"][0])[real].abs().max() <= 1e-5
 
 
 def test_vision_warmup_trains_only_the_vision_tower():

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..hooks import HookPoint
+from . import ops
 from .ops import Block, PackedRows, RMSNorm, attention, checkpoint_block, packed_block_mask, rms_norm
 
 
@@ -253,7 +254,7 @@ class Qwen2(nn.Module):
         cos, sin = self.rotary(position_ids, max_position)
         if segment_ids is not None and self._flex_packing(cache, inputs_embeds):
             mask = packed_block_mask(segment_ids, attention_mask)  # block-sparse: examples never see each other
-        elif segment_ids is not None and self._varlen_packing(attention_mask, segment_ids):
+        elif segment_ids is not None and self._varlen_packing(attention_mask, segment_ids, inputs_embeds):
             mask = PackedRows(segment_ids, partial(build_attention_mask, attention_mask, q_len, past_len, device,
                                                    segment_ids))  # flash-attn varlen, or that mask if it can't run
         else:
@@ -278,11 +279,14 @@ class Qwen2(nn.Module):
         return (cache is None and attns[0].backend == "flex" and (x.is_cuda or not needs_grad)
                 and not any(a.hook_pattern.active for a in attns))
 
-    def _varlen_packing(self, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor) -> bool:
-        """Packed rows go to flash-attn's varlen kernel when the backend is "flash", no layer needs the dense
+    def _varlen_packing(self, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor,
+                        x: torch.Tensor) -> bool:
+        """Packed rows go to flash-attn's varlen kernel when the backend is "flash", flash-attn is installed and x
+        is on CUDA (elsewhere the plain dense mask, so compiled blocks stay compiled), no layer needs the dense
         probabilities, and the padding is where segment_ids says (-1), so runs of equal ids are the examples."""
         attns = [layer.self_attn for layer in self.layers]
-        return (attns[0].backend == "flash" and not any(a.hook_pattern.active for a in attns)
+        return (attns[0].backend == "flash" and ops.flash_installed_for(x)
+                and not any(a.hook_pattern.active for a in attns)
                 and (attention_mask is None or torch.equal(attention_mask.bool(), segment_ids >= 0)))
 
 

@@ -129,9 +129,9 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 def checkpoint_block(block: nn.Module, *args, mode="full"):
     """Run `block` under activation checkpointing. "full" (or True): keep only its inputs and recompute the block in
-    the backward pass (least memory); "selective": keep the outputs of its matrix products and SDPA/flash
-    attention and recompute only the elementwise work (norms, RoPE, activations, casts): less memory than no
-    checkpointing, much less recomputation than "full" (FlexAttention's output is recomputed)."""
+    the backward pass (least memory); "selective": keep the outputs of its matrix products and SDPA's attention
+    kernels and recompute only the elementwise work (norms, RoPE, activations, casts): less memory than no
+    checkpointing, much less recomputation than "full" (FlexAttention's and flash-attn's outputs are recomputed)."""
     if mode == "selective":
         return checkpoint(block, *args, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
@@ -211,6 +211,11 @@ def _flex_attention(q, k, v, block_mask, scale):
     with warnings.catch_warnings():  # "called without torch.compile": intended off CUDA
         warnings.simplefilter("ignore", UserWarning)
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def flash_installed_for(x: torch.Tensor) -> bool:
+    """flash-attn could run for x's device (the dtype is only known per call: autocast casts inside the blocks)."""
+    return _HAS_FLASH and x.is_cuda
 
 
 def flash_available(*tensors: torch.Tensor) -> bool:

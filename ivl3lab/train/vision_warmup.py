@@ -144,8 +144,8 @@ def warm_up_vision(model, steps: int = 300, batch_size: int = 64, lr: float = 3e
     With `count_weight`, each tile's first token also learns how many objects the tile shows (count_labels): a
     pre-trained encoder's sense of number, which the thumbnail's first token learns for the whole image.
     The learning rate is constant by default; `warmup_steps` and `min_lr_ratio` < 1 give a linear warmup and a
-    cosine decay instead (with a higher `lr`, notebook 06's 700 warm-up steps learn about the shapes its 1,200
-    constant-rate steps did: docs/toy_results.md).
+    cosine decay instead (with a higher `lr`, notebook 06's 700 warm-up steps learn the shapes nearly as well as
+    its 1,200 constant-rate steps did: docs/toy_results.md).
     Logged shape/colour accuracies are over object patches of held-out scenes (background patches are easy and
     excluded); tile and x accuracies over all patches that have them."""
     torch.manual_seed(seed)
