@@ -160,9 +160,10 @@ class PackedRows:
     """Packed rows for flash-attn's varlen kernel: the flattened [B * L] tokens cut into runs, one per packed
     example and one per row's padding tail, each attending causally within itself (cu_seqlens, int32).
 
-    Where that kernel cannot run (no package, CPU or fp32 tensors, a pattern hook listening), `attention` uses
-    the equivalent dense mask instead, made on first use by `dense_mask` (never made on the varlen path: at
-    B x L x L it is what varlen avoids)."""
+    Made only where flash-attn is installed and the tensors are on CUDA (`Qwen2._varlen_packing`; elsewhere the
+    plain dense mask). Where the kernel still cannot run (fp32 tensors without autocast), `attention` uses the
+    equivalent dense mask, made on first use by `dense_mask` (never on the varlen path: at B x L x L it is what
+    varlen avoids)."""
 
     def __init__(self, segment_ids: torch.Tensor, dense_mask):
         batch, length = segment_ids.shape
