@@ -1,10 +1,12 @@
 """Training mechanics: loss weightings, packing, accumulation, exact resume, atomic checkpoints, NaN stop,
 freezing, V2PE, the toy world and its evaluation."""
+import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ivl3lab
@@ -413,21 +415,13 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
     import sys
     import types
 
-    import torch.nn.functional as F
-
     from ivl3lab.model import ops
 
     def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
-        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k >= int(cu_q.diff().max())
         assert q.shape[0] == k.shape[0] == int(cu_q[-1]) and causal
-        calls.append(cu_q.tolist())
-        runs = []
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            q_, k_, v_ = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
-            out = F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=softmax_scale,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
-            runs.append(out.transpose(0, 1))
-        return torch.cat(runs)
+        calls.append((cu_q.tolist(), max_q))
+        return runs_reference(q, k, v, cu_q, softmax_scale, q.shape[1] != k.shape[1])
 
     def dense_reference(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):  # the ViT's calls
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -438,11 +432,7 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
     batch = small_data(processor, pack_tokens=512).batches(0, 0)
     segments = batch.segment_ids
     assert (segments == -1).any() and int(segments.max()) >= 1  # padding and 2+ examples a row
-    # the runs a row is cut into: its examples, then its padding tail
-    expected = [0]
-    for row in segments.tolist():
-        for s in sorted(set(row), key=row.index):
-            expected.append(expected[-1] + row.count(s))
+    expected, longest = expected_runs(segments)
     calls = []
     results = {}
     for backend in ("sdpa", "flash"):
@@ -450,14 +440,19 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
         if backend == "flash":
             monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
                 flash_attn_func=dense_reference, flash_attn_varlen_func=varlen_reference))
+            monkeypatch.setattr(ops, "_HAS_FLASH", True)
             monkeypatch.setattr(ops, "flash_available", lambda *tensors: True)
-            monkeypatch.setattr(ops, "flash_installed_for", lambda x: True)
+            monkeypatch.setattr(ops, "varlen_kernel_for", lambda x, dtype: True)  # as on CUDA in bf16
         logits = model(**batch.model_inputs()).logits
         lm_loss(logits, batch.labels, segments).backward()
         results[backend] = logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert len(calls) == model.config.text.num_layers and calls[0] == expected
-    # compiled blocks step aside for it (the longest run, a host integer, would make one graph per batch)
-    assert model.language.layers[0].runs_eagerly(None, None, None, ops.PackedRows(segments, None), False, None)
+    assert len(calls) == model.config.text.num_layers and calls[0] == (expected, longest)
+    # compiled blocks take it (`test_torch_varlen_...`), unless the layer's backend would need the dense mask
+    rows = ops.PackedRows(segments, None)
+    assert not model.language.layers[0].runs_eagerly(None, None, None, rows, False, None)
+    model.set_attn_implementation("sdpa")
+    assert model.language.layers[0].runs_eagerly(None, None, None, rows, False, None)
+    model.set_attn_implementation("flash")
     real = segments >= 0
     assert (results["flash"][0] - results["sdpa"][0])[real].abs().max() <= 1e-5
     assert (results["flash"][1] - results["sdpa"][1]).abs().max() <= 1e-5
@@ -465,16 +460,106 @@ def test_flash_varlen_on_packed_rows_matches_the_dense_mask(tiny, monkeypatch):
     with ivl3lab.hooks(model, hook), pytest.warns(UserWarning, match="flash"):
         hooked = model(**batch.model_inputs()).logits  # a listening pattern hook: the dense mask in every layer
     assert len(calls) == model.config.text.num_layers and (hooked - results["sdpa"][0])[real].abs().max() <= 1e-5
-    monkeypatch.setattr(ops, "flash_available", lambda *tensors: False)  # installed, but not for these tensors
-    with pytest.warns(UserWarning, match="flash"):
-        fallback = model(**batch.model_inputs()).logits
-    assert len(calls) == model.config.text.num_layers and (fallback - results["sdpa"][0])[real].abs().max() <= 1e-5
+    layers = model.config.text.num_layers
+    model.language.layers[1].self_attn.backend = "sdpa"  # one layer that cannot take the kernel: its dense mask
+    fallback = model(**batch.model_inputs()).logits
+    assert len(calls) == 2 * layers - 1 and (fallback - results["sdpa"][0])[real].abs().max() <= 1e-5
+    model.language.layers[1].self_attn.backend = "flash"
     built = []
     monkeypatch.setattr(ops.PackedRows, "__init__", lambda self, *a: built.append(1) or None)
-    monkeypatch.setattr(ops, "flash_installed_for", lambda x: False)
-    with pytest.warns(UserWarning, match="flash"):  # not installed / not CUDA: the dense mask, no PackedRows
+    monkeypatch.setattr(ops, "varlen_kernel_for", lambda x, dtype: False)
+    with pytest.warns(UserWarning, match="flash"):  # no kernel for CPU / fp32: the dense mask, no PackedRows
         plain = model(**batch.model_inputs()).logits
     assert not built and (plain - results["sdpa"][0])[real].abs().max() <= 1e-5
+
+
+def runs_reference(q, k, v, cu_seqlens, scale, gqa):
+    """Causal attention within each run of cu_seqlens (q/k/v [tokens, heads, dim]), one SDPA call per run."""
+    runs = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        q_, k_, v_ = (x[a:b].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+        runs.append(F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, scale=scale,
+                                                   enable_gqa=gqa).transpose(0, 1))
+    return torch.cat(runs)
+
+
+def expected_runs(segments):
+    """The cu_seqlens a packed batch is cut into (each row's examples, then its padding tail; padded with empty
+    runs to a power of two) and the longest run rounded up to a power of two."""
+    bounds = [0]
+    for row in segments.tolist():
+        for s in sorted(set(row), key=row.index):
+            bounds.append(bounds[-1] + row.count(s))
+    runs = len(bounds) - 1
+    slots = 1
+    while slots < runs:
+        slots *= 2
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    rounded = 1
+    while rounded < longest:
+        rounded *= 2
+    return bounds + [bounds[-1]] * (slots - runs), min(rounded, segments.numel())
+
+
+def test_torch_varlen_kernel_on_packed_rows_and_in_compiled_blocks(tiny, monkeypatch):
+    """Without flash-attn, backend "flash" sends packed rows to PyTorch's own varlen kernel (torch >= 2.10, CUDA
+    only), whose keywords changed between releases. Stand-ins for both forms (2.10: `is_causal`, no scale, no
+    GQA; later: `window_size`, `scale`, `enable_gqa`), written from their docstrings, check our side: the runs
+    and the GQA handling, the dense mask's logits and gradients, and compiled blocks taking the packed rows
+    (a traceable stand-in) with the eager logits."""
+    from test_compile import counting_backend
+
+    from ivl3lab.model import ops
+
+    def old_style(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and query.shape[1] == key.shape[1]  # GQA repeated for it
+        calls.append((cu_seq_q.tolist(), max_q))
+        return runs_reference(query, key, value, cu_seq_q, None, False)
+
+    def new_style(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                  window_size=(-1, -1), enable_gqa=False):
+        assert tuple(window_size) == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
+        assert scale == query.shape[-1] ** -0.5 and cu_seq_q.dtype == torch.int32 and cu_seq_k is cu_seq_q
+        if torch.compiler.is_compiling():  # traceable: the runs as a mask
+            tokens = torch.arange(query.shape[0])
+            run = torch.searchsorted(cu_seq_q[1:], tokens, right=True)  # [T] which run each token is in
+            mask = (run[:, None] == run[None, :]) & (tokens[None, :] <= tokens[:, None])
+            return F.scaled_dot_product_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                                  attn_mask=mask, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+        calls.append((cu_seq_q.tolist(), max_q))
+        return runs_reference(query, key, value, cu_seq_q, scale, enable_gqa)
+
+    _, processor = tiny
+    batch = small_data(processor, pack_tokens=512).batches(0, 0)
+    real = batch.segment_ids >= 0
+    expected = expected_runs(batch.segment_ids)
+    assert len(set(expected[0])) < len(expected[0])  # empty runs pad this batch's runs to a power of two
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        logits = model(**batch.model_inputs()).logits
+        lm_loss(logits, batch.labels, batch.segment_ids).backward()
+        return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = run(fresh())
+    monkeypatch.setattr(ops, "_HAS_FLASH", False)
+    monkeypatch.setattr(ops, "varlen_kernel_for", lambda x, dtype: True)  # as on CUDA in bf16
+    for kernel in (old_style, new_style):
+        calls = []
+        keywords = frozenset(inspect.signature(kernel).parameters)
+        monkeypatch.setattr(ops, "_TORCH_VARLEN", (kernel, keywords))
+        model = fresh().set_attn_implementation("flash")
+        logits, grads = run(model)
+        layers = model.config.text.num_layers
+        assert calls == [expected] * layers, kernel.__name__
+        assert (logits - reference[0])[real].abs().max() <= 1e-5
+        assert (grads - reference[1]).abs().max() <= 1e-5
+    graphs, calls = [], []
+    model.compile_blocks(backend=counting_backend(graphs))
+    compiled, _ = run(model)
+    assert not calls and len(graphs) == 2  # the LLM blocks ran the compiled graph (and the ViT's)
+    assert (compiled - logits)[real].abs().max() <= 1e-5
+    model.compile_blocks(False)
 
 
 def test_vision_warmup_trains_only_the_vision_tower():

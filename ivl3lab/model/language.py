@@ -176,9 +176,9 @@ class DecoderBlock(Block):
         self.hook_mlp_out, self.hook_resid_post = HookPoint(), HookPoint()  # all [B, L, H]
 
     def runs_eagerly(self, x, cos, sin, mask, causal, cache) -> bool:
-        # the cache's layer index would make one compiled graph per layer; PackedRows' host-side max_len one
-        # per batch
-        return cache is not None or isinstance(mask, PackedRows)
+        # the cache's layer index would make one compiled graph per layer; a layer that cannot take PackedRows'
+        # kernel would build its dense mask inside the graph
+        return cache is not None or (isinstance(mask, PackedRows) and self.self_attn.backend != "flash")
 
     def forward(self, x, cos, sin, mask, causal, cache) -> torch.Tensor:
         x = self.hook_resid_pre(x)
@@ -256,7 +256,7 @@ class Qwen2(nn.Module):
             mask = packed_block_mask(segment_ids, attention_mask)  # block-sparse: examples never see each other
         elif segment_ids is not None and self._varlen_packing(attention_mask, segment_ids, inputs_embeds):
             mask = PackedRows(segment_ids, partial(build_attention_mask, attention_mask, q_len, past_len, device,
-                                                   segment_ids))  # flash-attn varlen, or that mask if it can't run
+                                                   segment_ids))  # a varlen kernel, or that mask if it can't run
         else:
             mask = build_attention_mask(attention_mask, q_len, past_len, device, segment_ids)
         if mask is None and past_len > 0 and q_len > 1:
@@ -281,11 +281,14 @@ class Qwen2(nn.Module):
 
     def _varlen_packing(self, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor,
                         x: torch.Tensor) -> bool:
-        """Packed rows go to flash-attn's varlen kernel when the backend is "flash", flash-attn is installed and x
-        is on CUDA (elsewhere the plain dense mask, so compiled blocks stay compiled), no layer needs the dense
-        probabilities, and the padding is where segment_ids says (-1), so runs of equal ids are the examples."""
+        """Packed rows go to a varlen kernel (flash-attn's, or PyTorch's own) when the backend is "flash", x is on
+        CUDA and attention runs in half precision (autocast, or half weights), no layer needs the dense
+        probabilities, and the padding is where segment_ids says (-1), so runs of equal ids are the examples.
+        Elsewhere the plain dense mask, so compiled blocks stay compiled."""
         attns = [layer.self_attn for layer in self.layers]
-        return (attns[0].backend == "flash" and ops.flash_installed_for(x)
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        attention_dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        return (attns[0].backend == "flash" and ops.varlen_kernel_for(x, attention_dtype)
                 and not any(a.hook_pattern.active for a in attns)
                 and (attention_mask is None or torch.equal(attention_mask.bool(), segment_ids >= 0)))
 

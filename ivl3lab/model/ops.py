@@ -5,7 +5,8 @@ The attention function is the one place where the backend choice lives:
 - `sdpa`  (default) torch.nn.functional.scaled_dot_product_attention: fast, never materialises probabilities;
 - `eager` explicit softmax(QK^T)V: slower, but the probabilities exist as a tensor (hooks, attention maps);
 - `flash` flash-attn's kernel when the package is installed and the tensors are fp16/bf16 on CUDA; packed
-          training rows go through its varlen kernel (`PackedRows`), one causal run per example;
+          training rows go through a varlen kernel (`PackedRows`), one causal run per example: flash-attn's,
+          or without the package PyTorch's own (`torch.nn.attention.varlen`, torch >= 2.10);
 - `flex`  PyTorch's FlexAttention for packed training rows: a block-sparse mask skips the blocks where one
           packed example would look at another (the varlen saving, with no extra package); compiled on CUDA.
           Where nothing is packed it is `sdpa`.
@@ -14,6 +15,7 @@ All compute the same function; tests check they agree within tolerance.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import warnings
 from functools import partial
 from typing import Optional
@@ -25,6 +27,18 @@ from torch.nn.modules import module as _torch_module
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+
+
+def _find_torch_varlen():
+    """PyTorch's varlen flash kernel and the keywords this torch's version takes, or None (torch < 2.10)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_TORCH_VARLEN = _find_torch_varlen()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,6 +135,8 @@ def _op_set(*names: str) -> frozenset:
 _SELECTIVE_SAVE = _op_set("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
                           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
                           "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward")
+if _TORCH_VARLEN is not None and hasattr(torch.ops.torch_attn, "_varlen_attn"):
+    _SELECTIVE_SAVE |= {torch.ops.torch_attn._varlen_attn.default}  # PyTorch's varlen kernel (packed rows)
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -131,7 +147,8 @@ def checkpoint_block(block: nn.Module, *args, mode="full"):
     """Run `block` under activation checkpointing. "full" (or True): keep only its inputs and recompute the block in
     the backward pass (least memory); "selective": keep the outputs of its matrix products and SDPA's attention
     kernels and recompute only the elementwise work (norms, RoPE, activations, casts): less memory than no
-    checkpointing, much less recomputation than "full" (FlexAttention's and flash-attn's outputs are recomputed)."""
+    checkpointing, much less recomputation than "full" (FlexAttention's and flash-attn's outputs are recomputed;
+    PyTorch's varlen kernel's are kept)."""
     if mode == "selective":
         return checkpoint(block, *args, use_reentrant=False,
                           context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
@@ -157,13 +174,16 @@ def packed_block_mask(segment_ids: torch.Tensor, attention_mask: Optional[torch.
 
 
 class PackedRows:
-    """Packed rows for flash-attn's varlen kernel: the flattened [B * L] tokens cut into runs, one per packed
-    example and one per row's padding tail, each attending causally within itself (cu_seqlens, int32).
+    """Packed rows for a varlen kernel: the flattened [B * L] tokens cut into runs, one per packed example and one
+    per row's padding tail, each attending causally within itself (cu_seqlens, int32).
 
-    Made only where flash-attn is installed and the tensors are on CUDA (`Qwen2._varlen_packing`; elsewhere the
-    plain dense mask). Where the kernel still cannot run (fp32 tensors without autocast), `attention` uses the
-    equivalent dense mask, made on first use by `dense_mask` (never on the varlen path: at B x L x L it is what
-    varlen avoids)."""
+    Made only where a varlen kernel could run (`Qwen2._varlen_packing`: CUDA, half-precision attention, flash-attn
+    or torch >= 2.10; elsewhere the plain dense mask). Compiled blocks take it as an argument, so its two shapes
+    are bucketed to keep the number of graphs small: the runs are padded with empty ones to a power of two, and
+    the longest run (a host integer the kernel needs) is rounded up to a power of two; both only add thread
+    blocks that exit at once. Where the kernel still cannot run (a layer with another backend), `attention`
+    uses the equivalent dense mask, made on first use by `dense` (never on the varlen path: at B x L x L it is
+    what varlen avoids)."""
 
     def __init__(self, segment_ids: torch.Tensor, dense_mask):
         batch, length = segment_ids.shape
@@ -171,9 +191,12 @@ class PackedRows:
         starts = torch.ones_like(flat, dtype=torch.bool)
         starts[1:] = flat[1:] != flat[:-1]
         starts[::length] = True  # a run never crosses rows
-        bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
-        self.cu_seqlens = bounds.to(torch.int32)  # [runs + 1]
-        self.max_len = int(bounds.diff().max())  # the kernel needs it on the host
+        bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])  # [runs + 1]
+        runs = bounds.numel() - 1
+        empty = (1 << (runs - 1).bit_length()) - runs  # empty runs (start = end = all tokens) up to a power of two
+        self.cu_seqlens = torch.cat([bounds, bounds[-1:].expand(empty)]).to(torch.int32)  # [2^k + 1]
+        longest = int(bounds.diff().max())  # one host sync: the kernel needs it on the host
+        self.max_len = min(1 << (longest - 1).bit_length(), flat.numel())
         self._dense_mask, self._dense = dense_mask, None
 
     def dense(self) -> torch.Tensor:
@@ -182,18 +205,39 @@ class PackedRows:
         return self._dense
 
 
-def _flash_varlen(q, k, v, rows: PackedRows, scale):
-    """q [B, Hq, L, D], k/v [B, Hkv, L, D] -> [B, L, Hq, D]; flash-attn groups the query heads itself (GQA)."""
-    from flash_attn import flash_attn_varlen_func
-
+def _varlen(q, k, v, rows: PackedRows, scale):
+    """q [B, Hq, L, D], k/v [B, Hkv, L, D] -> [B, L, Hq, D]: flash-attn's varlen kernel, or PyTorch's."""
     batch, heads, length, dim = q.shape
 
     def tokens(x):  # [B, H, L, D] -> [B * L, H, D]
         return x.transpose(1, 2).reshape(batch * length, x.shape[1], dim)
 
-    out = flash_attn_varlen_func(tokens(q), tokens(k), tokens(v), rows.cu_seqlens, rows.cu_seqlens, rows.max_len,
-                                 rows.max_len, softmax_scale=scale, causal=True)
+    q, k, v = tokens(q), tokens(k), tokens(v)
+    if _HAS_FLASH:  # groups the query heads itself (GQA)
+        from flash_attn import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(q, k, v, rows.cu_seqlens, rows.cu_seqlens, rows.max_len, rows.max_len,
+                                     softmax_scale=scale, causal=True)
+    else:
+        out = _torch_varlen_causal(q, k, v, rows.cu_seqlens, rows.max_len, scale)
     return out.view(batch, length, heads, dim)
+
+
+def _torch_varlen_causal(q, k, v, cu_seqlens, max_len: int, scale: float):
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D] with torch's varlen_attn, whose keywords changed between
+    releases: 2.10 takes `is_causal` and no scale or GQA; later ones `window_size=(-1, 0)`, `scale`, `enable_gqa`."""
+    kernel, keywords = _TORCH_VARLEN
+    options = {"window_size": (-1, 0)} if "window_size" in keywords else {"is_causal": True}
+    if "scale" in keywords:
+        options["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:  # the kernel's own scale is 1/sqrt(D)
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in keywords:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    return kernel(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options)
 
 
 _COMPILED_FLEX = None
@@ -214,9 +258,10 @@ def _flex_attention(q, k, v, block_mask, scale):
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
 
 
-def flash_installed_for(x: torch.Tensor) -> bool:
-    """flash-attn could run for x's device (the dtype is only known per call: autocast casts inside the blocks)."""
-    return _HAS_FLASH and x.is_cuda
+def varlen_kernel_for(x: torch.Tensor, attention_dtype: torch.dtype) -> bool:
+    """A varlen kernel (flash-attn's or PyTorch's) can run for x's device and the dtype attention will see."""
+    return (_HAS_FLASH or _TORCH_VARLEN is not None) and x.is_cuda and attention_dtype in (torch.float16,
+                                                                                         torch.bfloat16)
 
 
 def flash_available(*tensors: torch.Tensor) -> bool:
@@ -244,8 +289,8 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     listening = pattern_hook is not None and pattern_hook.active
     if isinstance(mask, PackedRows):
-        if backend == "flash" and not listening and flash_available(q, k, v):
-            return _flash_varlen(q, k, v, mask, scale), None
+        if backend == "flash" and not listening and varlen_kernel_for(q, q.dtype):
+            return _varlen(q, k, v, mask, scale), None
         mask = mask.dense()
     if listening and pattern_hook.query_index is not None:
         out, _ = attention(q, k, v, backend=backend, mask=mask, causal=causal, scale=scale)
@@ -272,7 +317,8 @@ def attention(
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               softmax_scale=scale, causal=causal)
         return out, None
-    if backend == "flash":  # shown once per place by Python's default warning filter
+    if backend == "flash" and not torch.compiler.is_compiling():  # once per place (Python's default filter); in
+        # a compiled block it would break the graph
         warnings.warn("flash attention needs flash-attn, CUDA fp16/bf16 tensors and no padding mask; "
                       "falling back to sdpa where that does not hold", stacklevel=2)
     if backend not in ("sdpa", "flash", "flex"):  # flex without a block mask: nothing packed, plain SDPA
