@@ -157,8 +157,33 @@ def test_trainer_compile_options():
         Trainer(model, TrainConfig(steps=1, compile=option), data.batches)
         assert all(b.compile_options == {"mode": "max-autotune-no-cudagraphs"}
                    for b in (*model.vision.layers, *model.language.layers))
+    model.compile_blocks(False)
+    Trainer(model, TrainConfig(steps=1, compile="graphs"), data.batches)
+    assert all(b.compile_options == {"mode": "reduce-overhead"} for b in (*model.vision.layers, *model.language.layers))
     with pytest.raises(ValueError, match="compile must be"):
-        Trainer(model, TrainConfig(steps=1, compile="graphs"), data.batches)  # CUDA graphs: not in the loop
+        Trainer(model, TrainConfig(steps=1, compile="fast"), data.batches)
+
+
+def test_trainer_graphs_option_accumulates_into_its_own_gradients():
+    """compile="graphs" (CUDA graphs on CUDA; checked there by benchmarks/check_train_compile.py): a new graph step
+    before each micro-batch, and .grad tensors that exist before the first backward pass and are zeroed, not
+    dropped, by the step, so that accumulation never keeps a graph's output buffer. Trains like eager."""
+    losses, graphs = [], []
+    for option in (False, "graphs"):
+        model, processor = ivl3lab.build("tiny", seed=0, system_message="Answer.")
+        data = ToyData(processor, batch_size=4, max_objects=1, text_ratio=0.0)
+        if option:
+            model.compile_blocks(backend=counting_backend(graphs))  # aot_eager: kept by the Trainer
+        cfg = TrainConfig(steps=2, warmup_steps=1, grad_accum=2, compile=option)
+        trainer = Trainer(model.train(), cfg, data.batches)
+        trainer.fit(progress=False)
+        losses.append([h["loss"] for h in trainer.history])
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if option:
+            assert all(p.grad is not None and not p.grad.any() for p in trainable)
+        else:
+            assert all(p.grad is None for p in trainable)
+    assert graphs and losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
 @pytest.mark.parametrize("compile_", ["blocks", "model"])

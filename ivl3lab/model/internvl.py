@@ -99,8 +99,9 @@ class InternVL3(nn.Module):
         the data-dependent code between the towers (placeholder checks, feature merge) stays eager. A block with a hook
         on any module in it runs eagerly, so hooks keep working (compiled code would skip them silently), and so does
         a step with a KV cache (its layer index would make one graph per layer).
-        `mode="reduce-overhead"` replays the blocks as CUDA graphs (call `torch.compiler.cudagraph_mark_step_begin()`
-        before each training step); measured in docs/benchmarks.md, and not safe under gradient accumulation.
+        `mode="reduce-overhead"` replays the blocks as CUDA graphs: call `torch.compiler.cudagraph_mark_step_begin()`
+        before each forward pass, and under gradient accumulation give every trainable parameter a .grad tensor
+        first (the Trainer's `compile="graphs"` does both); measured in docs/benchmarks.md.
         """
         for block in (*self.vision.layers, *self.language.layers):
             block.compile_forward(options if enabled else None)

@@ -41,8 +41,9 @@ class TrainConfig:
     loss_reduction: str = "token"  # token | sample | square
     autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     gradient_checkpointing: Union[bool, str] = False  # True / "full", or "selective" (see set_gradient_checkpointing)
-    # True / "blocks": torch.compile each ViT/LLM block (model.compile_blocks); "model": the whole forward (graph
-    # breaks where it needs host values)
+    # True / "blocks": torch.compile each ViT/LLM block (model.compile_blocks); "graphs": the same blocks replayed
+    # as CUDA graphs on CUDA (plain compiled blocks elsewhere); "model": the whole forward (graph breaks where it
+    # needs host values)
     compile: Union[bool, str] = False
     loss_chunk: int = 0  # > 0: chunked linear + cross-entropy, never materialising full logits
     log_every: int = 10
@@ -186,15 +187,14 @@ class Trainer:
             self.module.set_gradient_checkpointing(self.cfg.gradient_checkpointing)
         if self.world > 1 and self.wrap_ddp:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module)
-        # no CUDA graphs ("reduce-overhead") here: with gradient accumulation their outputs were overwritten by the
-        # next micro-batch's replay on an H100 (check_train_compile.py when this loop offered them); bench_gpu.py
-        # times them on a plain step
-        if self.cfg.compile not in (False, True, "blocks", "model"):
-            raise ValueError(f"compile must be False, True / 'blocks' or 'model', got {self.cfg.compile!r}")
-        if self.cfg.compile in (True, "blocks"):
+        if self.cfg.compile not in (False, True, "blocks", "graphs", "model"):
+            raise ValueError(f"compile must be False, True / 'blocks', 'graphs' or 'model', got {self.cfg.compile!r}")
+        self.graphs = self.cfg.compile == "graphs"
+        if self.cfg.compile in (True, "blocks", "graphs"):
+            options = {"mode": "reduce-overhead"} if self.graphs else {}
             for block in self.module.modules():  # peft-wrapped models too
                 if isinstance(block, Block) and block.compile_options is None:  # keep options set by compile_blocks
-                    block.compile_forward({})
+                    block.compile_forward(options)
         self.forward = torch.compile(self.model) if self.cfg.compile == "model" else self.model
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.module, self.cfg), betas=self.cfg.betas, fused=fused)
@@ -234,9 +234,13 @@ class Trainer:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.autocast and self.device.type == "cuda")
         loss_total, metrics = 0.0, {}
+        if self.graphs:
+            self._own_gradients()
         for m, (batch, w) in enumerate(zip(micro_batches, weights)):
             sync = not hasattr(self.model, "no_sync") or m == len(micro_batches) - 1
             ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+            if self.graphs:  # the previous micro-batch's graph outputs are dead: its backward pass has run
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx, autocast:
                 total, _, extra_metrics = self._micro_loss(batch, w)
                 loss = total / total_weight.clamp(min=1e-12) * self.world  # DDP averages gradients over ranks
@@ -252,12 +256,20 @@ class Trainer:
             dist.all_reduce(loss_total)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.graphs)
         if self.on_step_end:
             self.on_step_end()
         self.step += 1
         return {**metrics, "step": self.step, "loss": float(loss_total), "grad_norm": float(grad_norm),
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _own_gradients(self) -> None:
+        """With CUDA graphs, a gradient the backward graph hands out lives in the graph's memory, which the next
+        micro-batch's replay overwrites; autograd would keep that tensor as .grad if .grad were None. Zeroed .grad
+        tensors of our own make it add into them instead (and the step then zeroes them rather than dropping them)."""
+        for p in self.module.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def fit(self, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
