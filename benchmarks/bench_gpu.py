@@ -36,6 +36,14 @@ VARIANTS = {  # --train-variants key -> (row name, label in the printed table)
     "compiled_flex": ("ivl3lab compiled packed flex", "packed, FlexAttention, blocks compiled"),
     "compiled_graphs": ("ivl3lab compiled + CUDA graphs", "blocks compiled as CUDA graphs"),
     "compiled_model": ("ivl3lab whole model compiled", "torch.compile of the whole model"),
+    "varlen": ("ivl3lab packed varlen", "packed, varlen kernel"),
+    "compiled_varlen": ("ivl3lab compiled packed varlen", "packed, varlen kernel, blocks compiled"),
+    "compiled_graphs_varlen": ("ivl3lab compiled + CUDA graphs packed varlen",
+                               "packed, varlen kernel, blocks compiled as CUDA graphs"),
+    "trainer_graphs": ("ivl3lab Trainer packed varlen graphs",
+                       "the Trainer's step: the 8 packed in a row, varlen, compile='graphs', clipping"),
+    "trainer_graphs_accum": ("ivl3lab Trainer packed varlen graphs, 2 micro-batches",
+                             "the same Trainer step in 2 micro-batches of 4 packed in a row (accumulation)"),
 }
 
 
@@ -94,6 +102,36 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
+    trainers = {}  # grad_accum -> Trainer
+
+    def trainer_step(accum):  # Trainer.train_step as it runs in a training run, on the same 8 samples
+        from ivl3lab.train.data import Batch
+        from ivl3lab.train.loop import Trainer, TrainConfig
+
+        per_micro = train_batch // accum
+
+        def micro_batch(step, micro, rank, world):  # micro-batch m: its samples packed in one row
+            rows = slice(micro * per_micro, (micro + 1) * per_micro)
+            row_ids = ids[rows].reshape(1, -1)
+            return Batch(row_ids, labels[rows].reshape(1, -1), torch.ones_like(row_ids), pixels[rows], [per_micro],
+                         position_ids=packed["position_ids"][:, :row_ids.shape[1]],
+                         segment_ids=packed["segment_ids"][:, :row_ids.shape[1]])
+
+        def step():
+            if accum not in trainers:  # one AdamW state on the device at a time: the peak memory is this step's
+                opt_ours.state.clear()
+                for other in trainers.values():
+                    other.optimizer.state.clear()
+                cfg_t = TrainConfig(steps=10 ** 9, lr=1e-5, warmup_steps=0, grad_accum=accum, compile="graphs",
+                                    loss_chunk=1024)
+                trainers[accum] = Trainer(ours, cfg_t, micro_batch)
+            ours.set_attn_implementation("flash").compile_blocks(mode="reduce-overhead")  # what the Trainer sets
+            try:
+                trainers[accum].train_step()
+            finally:
+                ours.set_attn_implementation("sdpa").compile_blocks(False)
+        return step
+
     def hf_step():
         with autocast:
             loss = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
@@ -128,20 +166,34 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
              "compiled": with_settings(ours_step, compile_blocks=True),
              "compiled_flex": with_settings(ours_packed_step, backend="flex", compile_blocks=True),
              "compiled_graphs": with_settings(ours_step, compile_blocks=True, mode="reduce-overhead"),
-             "compiled_model": with_settings(lambda: ours_step(whole))}
+             "compiled_model": with_settings(lambda: ours_step(whole)),
+             "varlen": with_settings(ours_packed_step, backend="flash"),  # PackedRows: flash-attn's or torch's kernel
+             "compiled_varlen": with_settings(ours_packed_step, backend="flash", compile_blocks=True),
+             "compiled_graphs_varlen": with_settings(ours_packed_step, backend="flash", compile_blocks=True,
+                                                     mode="reduce-overhead"),
+             "trainer_graphs": trainer_step(1), "trainer_graphs_accum": trainer_step(2)}
     whole = torch.compile(ours, dynamic=False)  # graph breaks where the forward needs host values
     variants = {VARIANTS[key][0]: steps[key] for key in chosen}
-    profiled = {"ivl3lab", "transformers", "ivl3lab compiled", "ivl3lab compiled + CUDA graphs"}
+    if any("varlen" in key or "trainer" in key for key in chosen):  # the packed rows compute the batch's loss
+        row["packed_varlen_loss"] = packed_varlen_loss(ours, ids, pixels, labels, packed, packed_labels, autocast)
+        print(f"loss of the batch / of the packed row through the varlen kernel: {row['packed_varlen_loss']}",
+              flush=True)
+    profiled = {"ivl3lab", "transformers", "ivl3lab compiled", "ivl3lab compiled + CUDA graphs",
+                "ivl3lab compiled + CUDA graphs packed varlen", "ivl3lab Trainer packed varlen graphs",
+                "ivl3lab Trainer packed varlen graphs, 2 micro-batches"}
     for impl, fn in (("ivl3lab", ours_step), *variants.items(), ("transformers", hf_step)):
         if cuda and impl == "transformers":  # swap: ivl3lab's model and optimizer state off the device
             opt_ours.state.clear()
+            for trainer in trainers.values():  # their AdamW states, and the .grad tensors they keep
+                trainer.optimizer.state.clear()
+                ours.zero_grad(set_to_none=True)
             ours.to("cpu")
             hf.to(a.device)
             opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=fused)
         if cuda:
             torch.cuda.empty_cache()
         try:
-            m = bench.measure(fn, a.device, 3 if "CUDA graphs" in impl else 2, 5)  # warm-up, record, replay
+            m = bench.measure(fn, a.device, 3 if "graphs" in impl else 2, 5)  # CUDA graphs: warm-up, record, replay
         except Exception as e:  # reported; the other measurements still run
             if impl not in variants:
                 raise
@@ -157,6 +209,28 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
     row["speedup"] = row["transformers"]["seconds"] / row["ivl3lab"]["seconds"]
     del ours, hf, opt_ours, opt_hf
     return row
+
+
+@torch.no_grad()
+def packed_varlen_loss(model, ids, pixels, labels, packed, packed_labels, autocast) -> list:
+    """[loss of the batch (SDPA), loss of the same samples packed in one row with backend "flash"]: equal up to
+    bf16 rounding when the varlen runs are right (checked beside the timing, on the timed weights)."""
+    from ivl3lab.model import ops
+    from ivl3lab.train.losses import lm_loss
+
+    losses, calls, varlen = [], [], ops._varlen
+    ops._varlen = lambda *args: calls.append(1) or varlen(*args)  # counts the layers that took the kernel
+    try:
+        for backend, inputs, target in (("sdpa", dict(input_ids=ids), labels), ("flash", packed, packed_labels)):
+            model.set_attn_implementation(backend)
+            with autocast:
+                logits = model(**inputs, pixel_values=pixels).logits
+            losses.append(float(lm_loss(logits.float(), target, inputs.get("segment_ids"))))
+    finally:
+        ops._varlen = varlen
+        model.set_attn_implementation("sdpa")
+    kernel = "flash-attn" if ops._HAS_FLASH else "torch varlen_attn" if ops._TORCH_VARLEN else "none"
+    return losses + [f"{len(calls)} of {len(model.language.layers)} layers through the varlen kernel ({kernel})"]
 
 
 def main(argv=None) -> dict:

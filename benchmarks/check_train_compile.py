@@ -4,7 +4,10 @@
 
 Same seed, same toy batches, gradient accumulation on: prints each option's losses and its largest parameter
 difference from eager after the last step, and exits non-zero if any differ by more than --tol. (It is how the
-blocks replayed as CUDA graphs were found to fail inside the Trainer's accumulation loop: docs/benchmarks.md.)
+blocks replayed as CUDA graphs were first found to fail inside the Trainer's accumulation loop, and then, with
+`compile="graphs"` keeping .grad tensors of its own, to train like eager: docs/benchmarks.md.)
+
+    python benchmarks/check_train_compile.py --device cuda --options blocks,graphs
 """
 from __future__ import annotations
 

@@ -90,6 +90,28 @@ def test_gpu_bench_training_only_with_compiled_variants(tmp_path):
         module.main(["--preset", "tiny", "--device", "cpu", "--train-only", "--train-variants", "fastest"])
 
 
+def test_gpu_bench_packed_varlen_and_trainer_rows_cpu_smoke():
+    """Beside the packed rows' timing, the packed row's loss against the batch's (on CPU through the dense mask, no
+    layer through the kernel); the Trainer's own step in one and in two micro-batches."""
+    torch.set_num_threads(1)
+    res = load_script("bench_gpu").main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--train-only",
+                                         "--train-batch", "2", "--train-text", "8", "--train-variants",
+                                         "varlen,trainer_graphs,trainer_graphs_accum"])
+    (train,) = res["rows"]
+    batch_loss, packed_loss, kernel = train["packed_varlen_loss"]
+    assert abs(batch_loss - packed_loss) <= 1e-5 and kernel.startswith("0 of 4 layers")
+    for impl in ("ivl3lab packed varlen", "ivl3lab Trainer packed varlen graphs",
+                 "ivl3lab Trainer packed varlen graphs, 2 micro-batches"):
+        assert train[impl]["value"] > 0
+
+
+def test_varlen_check_cpu_smoke():
+    """benchmarks/check_varlen.py off CUDA: no kernel, so packed rows take the dense mask and match float32."""
+    torch.set_num_threads(1)
+    res = load_script("check_varlen").main(["--device", "cpu"])
+    assert res["ok"] and res["eager"]["kernel_calls"] == 0 and res["eager"]["d_logit"] <= 1e-5
+
+
 def test_train_compile_check_cpu_smoke():
     torch.set_num_threads(1)
     res = load_script("check_train_compile").main(["--device", "cpu", "--steps", "1", "--options", "blocks"])
