@@ -832,6 +832,30 @@ def test_every_colour_asks_about_each_object_once(tiny):
             assert asked == 1  # without the option: one colour question per scene
 
 
+def test_pretrain_cli_passes_the_gpu_speed_options_to_the_model_and_trainer(tmp_path, monkeypatch):
+    """--attn, --compile and --loss-chunk reach the model and the Trainer (what the GPU benchmarks time)."""
+    from ivl3lab.train import pretrain
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording_trainer(model, cfg, batches, **kwargs):
+        seen.update(backend=model.language.layers[0].self_attn.backend, compile=cfg.compile, chunk=cfg.loss_chunk)
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "Trainer", recording_trainer)
+    args = ["--out", str(tmp_path), "--device", "cpu", "--vision-warmup-steps", "0", "--eval-every", "0"]
+    for extra, expected in (([], ("sdpa", False, 0)),
+                            (["--attn", "flash", "--compile", "graphs", "--loss-chunk", "1024"], ("flash", "graphs", 1024))):
+        with pytest.raises(Stop):
+            pretrain.main([*args, *extra])
+        assert (seen["backend"], seen["compile"], seen["chunk"]) == expected
+    with pytest.raises(SystemExit):
+        pretrain.parse_args([*args, "--compile", "fast"])
+
+
 def test_pretrain_freezes_the_warmed_up_vit_and_resumes_only_with_the_same_settings(tmp_path, monkeypatch):
     """After the warm-up the multimodal stage trains the projector and the LLM only (--freeze-vision, the
     default); --no-freeze-vision trains all three. A resumed run keeps its ViT frozen, and a resume that asks

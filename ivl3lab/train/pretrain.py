@@ -3,6 +3,7 @@
     python -m ivl3lab.train.pretrain --steps 1500 --out runs/toy                  # one process
     torchrun --nproc_per_node 2 -m ivl3lab.train.pretrain --steps 1500 --out runs/toy   # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 -m ivl3lab.train.pretrain --preset internvl3-1b --fsdp ...  # FSDP2 on GPUs
+    python -m ivl3lab.train.pretrain --preset internvl3-1b --attn flash --compile graphs --loss-chunk 1024 ...  # GPU
 
 The global batch (`--batch-size`) is split over ranks and micro-batches, so the same command with more
 processes follows the same loss curve. A run resumes from `--out` when a checkpoint is there.
@@ -63,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = leave as is)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "flash", "flex"),
+                    help="attention backend; on a GPU, 'flash' sends packed rows to a varlen kernel")
+    ap.add_argument("--compile", default="none", choices=("none", "blocks", "graphs", "model"),
+                    help="torch.compile the blocks, the blocks as CUDA graphs (GPU), or the whole model")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="> 0: the LM head and loss this many positions at a time")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -121,6 +127,7 @@ def main(argv=None) -> list[dict]:
     rank, world = init_distributed(args.device)
     device = f"cuda:{torch.cuda.current_device()}" if args.device.startswith("cuda") else args.device
     model, processor = build(args.preset, seed=args.seed, device=device, system_message=TOY_SYSTEM_MESSAGE)
+    model.set_attn_implementation(args.attn)
     tile_px = model.config.vision.image_size
     data = ToyData(processor, batch_size=args.batch_size, grad_accum=args.grad_accum, tile_px=tile_px,
                    max_objects=args.max_objects, text_ratio=args.text_ratio, pack_tokens=args.pack_tokens,
@@ -132,7 +139,8 @@ def main(argv=None) -> list[dict]:
         if args.eval_every and (rank == 0 or args.fsdp) else None
     cfg = TrainConfig(steps=args.steps, lr=args.lr, lr_vision=args.lr_vision, warmup_steps=args.warmup,
                       grad_accum=args.grad_accum, loss_reduction=args.loss_reduction, eval_every=args.eval_every,
-                      ckpt_every=args.ckpt_every, seed=args.seed)
+                      ckpt_every=args.ckpt_every, seed=args.seed, loss_chunk=args.loss_chunk,
+                      compile=False if args.compile == "none" else args.compile)
     out = Path(args.out)
     resuming = (out / "latest").exists()
     settings = run_settings(args, out, resuming)
