@@ -118,10 +118,7 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
                          segment_ids=packed["segment_ids"][:, :row_ids.shape[1]])
 
         def step():
-            if accum not in trainers:  # one AdamW state on the device at a time: the peak memory is this step's
-                opt_ours.state.clear()
-                for other in trainers.values():
-                    other.optimizer.state.clear()
+            if accum not in trainers:
                 cfg_t = TrainConfig(steps=10 ** 9, lr=1e-5, warmup_steps=0, grad_accum=accum, compile="graphs",
                                     loss_chunk=1024)
                 trainers[accum] = Trainer(ours, cfg_t, micro_batch)
@@ -184,12 +181,14 @@ def train_row(a, train_batch: int, train_text: int, profile_path=None,
     for impl, fn in (("ivl3lab", ours_step), *variants.items(), ("transformers", hf_step)):
         if cuda and impl == "transformers":  # swap: ivl3lab's model and optimizer state off the device
             opt_ours.state.clear()
-            for trainer in trainers.values():  # their AdamW states, and the .grad tensors they keep
-                trainer.optimizer.state.clear()
-                ours.zero_grad(set_to_none=True)
             ours.to("cpu")
             hf.to(a.device)
             opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=fused)
+        for trainer in trainers.values():  # before each row, not inside its timed calls: each peak is its own
+            trainer.optimizer.state.clear()
+        ours.zero_grad(set_to_none=True)  # the .grad tensors a Trainer keeps
+        if "Trainer" in impl:  # one AdamW state on the device: the Trainer's
+            opt_ours.state.clear()
         if cuda:
             torch.cuda.empty_cache()
         try:

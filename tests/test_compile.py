@@ -178,12 +178,32 @@ def test_trainer_graphs_option_accumulates_into_its_own_gradients():
         trainer = Trainer(model.train(), cfg, data.batches)
         trainer.fit(progress=False)
         losses.append([h["loss"] for h in trainer.history])
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if option:
-            assert all(p.grad is not None and not p.grad.any() for p in trainable)
+        if option:  # zeroed, not dropped (the ViT layers after the one InternVL reads get no gradient: None)
+            assert all(p.grad is not None and not p.grad.any() for p in model.language.parameters())
         else:
-            assert all(p.grad is None for p in trainable)
+            assert all(p.grad is None for p in model.parameters())
     assert graphs and losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_trainer_graphs_option_leaves_unreached_parameters_alone():
+    """On text-only steps no gradient reaches the ViT: with its own .grad tensors the loop must still hand AdamW
+    None there (as eager does), or weight decay and momentum would move a tower the data never touched. Also:
+    blocks set to CUDA graphs by compile_blocks count as graphs; with gradient checkpointing they are refused."""
+    model, processor = ivl3lab.build("tiny", seed=0, system_message="Answer.")
+    data = ToyData(processor, batch_size=4, max_objects=1, text_ratio=1.0)
+    vision = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    language = {k: v.clone() for k, v in model.language.state_dict().items()}
+    model.compile_blocks(mode="reduce-overhead")  # graphs set by the user, not by the Trainer's option
+    assert Trainer(model.train(), TrainConfig(steps=1), data.batches).graphs
+    model.compile_blocks(False).compile_blocks(backend=counting_backend([]))  # aot_eager, kept by the Trainer
+    cfg = TrainConfig(steps=3, warmup_steps=1, grad_accum=2, weight_decay=0.1, compile="graphs")
+    trainer = Trainer(model, cfg, data.batches)
+    trainer.fit(progress=False)
+    assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in vision.items())
+    assert not all(torch.equal(v, model.language.state_dict()[k]) for k, v in language.items())
+    assert all(p.grad is None for p in model.vision.parameters())
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        Trainer(model, TrainConfig(steps=1, compile="graphs", gradient_checkpointing=True), data.batches)
 
 
 @pytest.mark.parametrize("compile_", ["blocks", "model"])

@@ -516,6 +516,12 @@ def test_torch_varlen_kernel_on_packed_rows_and_in_compiled_blocks(tiny, monkeyp
         calls.append((cu_seq_q.tolist(), max_q))
         return runs_reference(query, key, value, cu_seq_q, None, False)
 
+    def mid_style(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                  window_size=(-1, -1)):  # torch 2.11, the one the H100 runs used
+        assert tuple(window_size) == (-1, 0) and query.shape[1] == key.shape[1] and scale is not None
+        calls.append((cu_seq_q.tolist(), max_q))
+        return runs_reference(query, key, value, cu_seq_q, scale, False)
+
     def new_style(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                   window_size=(-1, -1), enable_gqa=False):
         assert tuple(window_size) == (-1, 0) and enable_gqa == (query.shape[1] != key.shape[1])
@@ -544,7 +550,7 @@ def test_torch_varlen_kernel_on_packed_rows_and_in_compiled_blocks(tiny, monkeyp
     reference = run(fresh())
     monkeypatch.setattr(ops, "_HAS_FLASH", False)
     monkeypatch.setattr(ops, "varlen_kernel_for", lambda x, dtype: True)  # as on CUDA in bf16
-    for kernel in (old_style, new_style):
+    for kernel in (old_style, mid_style, new_style):
         calls = []
         keywords = frozenset(inspect.signature(kernel).parameters)
         monkeypatch.setattr(ops, "_TORCH_VARLEN", (kernel, keywords))
@@ -560,6 +566,13 @@ def test_torch_varlen_kernel_on_packed_rows_and_in_compiled_blocks(tiny, monkeyp
     assert not calls and len(graphs) == 2  # the LLM blocks ran the compiled graph (and the ViT's)
     assert (compiled - logits)[real].abs().max() <= 1e-5
     model.compile_blocks(False)
+    # a scale other than 1/sqrt(D) (Qwen2 never asks for one): passed on, or folded into q where it cannot be
+    q, k, v = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    want = runs_reference(q, k, v, cu, 0.3, True)
+    for kernel in (old_style, mid_style):
+        monkeypatch.setattr(ops, "_TORCH_VARLEN", (kernel, frozenset(inspect.signature(kernel).parameters)))
+        assert (ops._torch_varlen_causal(q, k, v, cu, 8, 0.3) - want).abs().max() <= 1e-5, kernel.__name__
 
 
 def test_vision_warmup_trains_only_the_vision_tower():

@@ -225,7 +225,9 @@ def _varlen(q, k, v, rows: PackedRows, scale):
 
 def _torch_varlen_causal(q, k, v, cu_seqlens, max_len: int, scale: float):
     """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D] with torch's varlen_attn, whose keywords changed between
-    releases: 2.10 takes `is_causal` and no scale or GQA; later ones `window_size=(-1, 0)`, `scale`, `enable_gqa`."""
+    releases: 2.10 takes `is_causal` and no scale or GQA flag; 2.11 `window_size=(-1, 0)` and `scale`, still no
+    GQA flag; later ones also `enable_gqa`. Without the flag the key/value heads are repeated (query head h uses
+    key/value head h // (Hq / Hkv), as in grouped-query attention)."""
     kernel, keywords = _TORCH_VARLEN
     options = {"window_size": (-1, 0)} if "window_size" in keywords else {"is_causal": True}
     if "scale" in keywords:
@@ -259,9 +261,11 @@ def _flex_attention(q, k, v, block_mask, scale):
 
 
 def varlen_kernel_for(x: torch.Tensor, attention_dtype: torch.dtype) -> bool:
-    """A varlen kernel (flash-attn's or PyTorch's) can run for x's device and the dtype attention will see."""
-    return (_HAS_FLASH or _TORCH_VARLEN is not None) and x.is_cuda and attention_dtype in (torch.float16,
-                                                                                         torch.bfloat16)
+    """A varlen kernel (flash-attn's or PyTorch's) can run for x's device and the dtype attention will see: both
+    are flash-attention 2 kernels, which need an Ampere or newer GPU (sm80+) and fp16/bf16."""
+    return ((_HAS_FLASH or _TORCH_VARLEN is not None) and x.is_cuda
+            and attention_dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 def flash_available(*tensors: torch.Tensor) -> bool:
@@ -288,8 +292,8 @@ def attention(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     listening = pattern_hook is not None and pattern_hook.active
-    if isinstance(mask, PackedRows):
-        if backend == "flash" and not listening and varlen_kernel_for(q, q.dtype):
+    if isinstance(mask, PackedRows):  # made only where the kernel runs (varlen_kernel_for, for this dtype)
+        if backend == "flash" and not listening:
             return _varlen(q, k, v, mask, scale), None
         mask = mask.dense()
     if listening and pattern_hook.query_index is not None:

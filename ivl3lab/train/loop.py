@@ -189,12 +189,18 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(self.module)
         if self.cfg.compile not in (False, True, "blocks", "graphs", "model"):
             raise ValueError(f"compile must be False, True / 'blocks', 'graphs' or 'model', got {self.cfg.compile!r}")
-        self.graphs = self.cfg.compile == "graphs"
+        blocks = [m for m in self.module.modules() if isinstance(m, Block)]  # peft-wrapped models too
         if self.cfg.compile in (True, "blocks", "graphs"):
-            options = {"mode": "reduce-overhead"} if self.graphs else {}
-            for block in self.module.modules():  # peft-wrapped models too
-                if isinstance(block, Block) and block.compile_options is None:  # keep options set by compile_blocks
+            options = {"mode": "reduce-overhead"} if self.cfg.compile == "graphs" else {}
+            for block in blocks:
+                if block.compile_options is None:  # keep options set by compile_blocks
                     block.compile_forward(options)
+        # CUDA graphs, asked for here or by the blocks' own options: the loop must mark steps and own the gradients
+        self.graphs = self.cfg.compile == "graphs" or any(
+            (b.compile_options or {}).get("mode") == "reduce-overhead" for b in blocks)
+        if self.graphs and self.cfg.gradient_checkpointing:
+            raise ValueError("compiled blocks replayed as CUDA graphs and gradient checkpointing do not go together "
+                             "(the recomputation would replay graphs inside the backward pass): use compile='blocks'")
         self.forward = torch.compile(self.model) if self.cfg.compile == "model" else self.model
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.module, self.cfg), betas=self.cfg.betas, fused=fused)
@@ -254,6 +260,8 @@ class Trainer:
                 metrics[key] = metrics.get(key, 0.0) + value / len(micro_batches)
         if self.world > 1:
             dist.all_reduce(loss_total)
+        if self.graphs:
+            self._drop_untouched_gradients()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=not self.graphs)
@@ -266,10 +274,20 @@ class Trainer:
     def _own_gradients(self) -> None:
         """With CUDA graphs, a gradient the backward graph hands out lives in the graph's memory, which the next
         micro-batch's replay overwrites; autograd would keep that tensor as .grad if .grad were None. Zeroed .grad
-        tensors of our own make it add into them instead (and the step then zeroes them rather than dropping them)."""
+        tensors of our own make it add into them instead (the step then zeroes them rather than dropping them)."""
+        self._zeroed = {}
         for p in self.module.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self._zeroed[p] = p.grad._version
+
+    def _drop_untouched_gradients(self) -> None:
+        """A parameter no micro-batch reached (the ViT on a text-only step) gets .grad None again, as without
+        graphs: AdamW skips it then, instead of decaying it and moving it by its momentum."""
+        for p, version in self._zeroed.items():
+            if p.grad is not None and p.grad._version == version:
+                p.grad = None
 
     def fit(self, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
