@@ -280,14 +280,15 @@ class Trainer:
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                self._zeroed[p] = p.grad._version
+                self._zeroed[p] = (p.grad, p.grad._version)
 
     def _drop_untouched_gradients(self) -> None:
         """A parameter no micro-batch reached (the ViT on a text-only step) gets .grad None again, as without
         graphs: AdamW skips it then, instead of decaying it and moving it by its momentum."""
-        for p, version in self._zeroed.items():
-            if p.grad is not None and p.grad._version == version:
+        for p, (grad, version) in self._zeroed.items():
+            if p.grad is grad and grad._version == version:  # the same tensor, never written (not replaced)
                 p.grad = None
+        self._zeroed = {}  # no reference left to the dropped tensors
 
     def fit(self, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
