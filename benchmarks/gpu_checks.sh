@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the speed and training issues, in one call on a GPU machine (about 9 minutes on an H100 before
-# the varlen and Trainer rows were added; those took about 2 more minutes in their own runs):
+# the varlen and Trainer rows were added; with them it has not been timed as a whole):
 #   bash benchmarks/gpu_checks.sh            # logs, profiles and JSON go to $OUT (default: gpu_out/)
 # 1. tiny preset, float32, on CUDA: the Trainer with compiled blocks (and as CUDA graphs) must train like eager;
 #    packed rows through the varlen kernel (eager, compiled, CUDA graphs) must match the dense mask; the captured

@@ -270,28 +270,30 @@ class Qwen2(nn.Module):
                 x = layer(x, cos, sin, mask, causal, cache)
         return self.hook_norm_out(self.norm(x))
 
+    def _packing_backend(self) -> Optional[str]:
+        """The backend packed rows are made for (the first layer's), or None when a layer needs the dense
+        probabilities (a listening pattern hook): then every layer takes the plain dense mask."""
+        if any(layer.self_attn.hook_pattern.active for layer in self.layers):
+            return None
+        return self.layers[0].self_attn.backend
+
     def _flex_packing(self, cache, x: torch.Tensor) -> bool:
-        """Packed rows go through FlexAttention when the backend is "flex", there is no cache, no layer needs
-        the dense probabilities (a pattern hook), and, off CUDA, no gradient is needed (PyTorch has no CPU
-        backward for it; the dense mask computes the same there)."""
-        attns = [layer.self_attn for layer in self.layers]
+        """Packed rows go through FlexAttention when the backend is "flex", there is no cache, nothing needs the
+        dense probabilities, and, off CUDA, no gradient is needed (PyTorch has no CPU backward for it; the dense
+        mask computes the same there)."""
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.training)
-        return (cache is None and attns[0].backend == "flex" and (x.is_cuda or not needs_grad)
-                and not any(a.hook_pattern.active for a in attns))
+        return cache is None and self._packing_backend() == "flex" and (x.is_cuda or not needs_grad)
 
     def _varlen_packing(self, attention_mask: Optional[torch.Tensor], segment_ids: torch.Tensor,
                         x: torch.Tensor) -> bool:
         """Packed rows go to a varlen kernel (flash-attn's, or PyTorch's own) when the backend is "flash", x is on
-        CUDA and attention runs in half precision (autocast, or half weights), no layer needs the dense
+        CUDA and attention runs in half precision (autocast, or half weights), nothing needs the dense
         probabilities, and the padding is where segment_ids says (-1), so runs of equal ids are the examples.
         Elsewhere the plain dense mask, so compiled blocks stay compiled."""
-        attns = [layer.self_attn for layer in self.layers]
         autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
         attention_dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-        return (attns[0].backend == "flash" and ops.varlen_kernel_for(x, attention_dtype)
-                and not any(a.hook_pattern.active for a in attns)
+        return (self._packing_backend() == "flash" and ops.varlen_kernel_for(x, attention_dtype)
                 and (attention_mask is None or torch.equal(attention_mask.bool(), segment_ids >= 0)))
-
 
 def decode_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor,
                  keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor,

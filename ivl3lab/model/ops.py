@@ -195,7 +195,7 @@ class PackedRows:
         runs = bounds.numel() - 1
         empty = (1 << (runs - 1).bit_length()) - runs  # empty runs (start = end = all tokens) up to a power of two
         self.cu_seqlens = torch.cat([bounds, bounds[-1:].expand(empty)]).to(torch.int32)  # [2^k + 1]
-        longest = int(bounds.diff().max())  # one host sync: the kernel needs it on the host
+        longest = int(bounds.diff().max())  # a host sync (nonzero was one too): the kernel needs it on the host
         self.max_len = min(1 << (longest - 1).bit_length(), flat.numel())
         self._dense_mask, self._dense = dense_mask, None
 
